@@ -111,3 +111,14 @@ class SystemClock:
         import time
 
         return time.time()
+
+
+class Dispatcher(Protocol):
+    """Starts follow-up work asynchronously (Celery tasks in production). Never blocks
+    on the work itself; safe to call twice for the same id (the tasks are idempotent)."""
+
+    def assign_job(self, job_id: str) -> None: ...
+
+    def assign_vm(self, vm_id: str) -> None: ...
+
+    def provision(self) -> None: ...

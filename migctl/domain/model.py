@@ -123,6 +123,10 @@ class Job:
     retries: int = 0
     reason: str = ""
     updated_at: float = 0.0
+    assigned_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    conclusion: str = ""  # success / failure / cancelled, as the runner or GitHub said
 
     def with_(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -145,6 +149,9 @@ class Vm:
     last_heartbeat: float = 0.0
     last_active: float = 0.0  # last time it ran or finished a job, or became ready
     capabilities: tuple[str, ...] = ()
+    cmd_id: str = ""  # a register_runner sent and not yet acked: the VM is not free meanwhile
+    reserved_at: float = 0.0
+    session: str = ""  # the gateway stream that holds the agent, so a stale one cannot disconnect it
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -69,7 +69,11 @@ def provision(
     that hold no demand, free VMs) is subtracted, so repeated decisions for the same
     demand never provision twice.
     """
-    coming = sum(1 for vm in vms if not vm.reserved_job and not vm.job_id and (vm.state in ON_THE_WAY or is_free(vm)))
+    coming = sum(
+        1
+        for vm in vms
+        if not vm.reserved_job and not vm.job_id and (vm.state in ON_THE_WAY or is_free(vm))
+    )
     need = demand - coming
     if need <= 0:
         return Defer(f"waiting for {coming} VM(s) already on the way")

@@ -78,7 +78,10 @@ def effective_state(vm: Vm) -> VmState:
     if vm.lifecycle is Lifecycle.DRAINING:
         return VmState.DRAINING
     if not vm.connected:
-        if vm.infra in (InfraStatus.CREATING, InfraStatus.STARTING) or vm.lifecycle is Lifecycle.STARTING:
+        if (
+            vm.infra in (InfraStatus.CREATING, InfraStatus.STARTING)
+            or vm.lifecycle is Lifecycle.STARTING
+        ):
             return VmState.STARTING
         if vm.infra is InfraStatus.RUNNING:
             # Running but the agent has not (re)connected yet.
@@ -89,7 +92,7 @@ def effective_state(vm: Vm) -> VmState:
 
 def is_free(vm: Vm) -> bool:
     """READY or IDLE, connected, and holding no unit of demand: may be claimed for a job."""
-    return vm.state.accepts_job and not vm.reserved_job and not vm.job_id
+    return vm.state.accepts_job and not vm.reserved_job and not vm.job_id and not vm.cmd_id
 
 
 ON_THE_WAY = frozenset({VmState.STARTING, VmState.BOOTING, VmState.CONNECTING})

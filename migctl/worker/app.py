@@ -1,0 +1,89 @@
+"""The Celery app, built from settings on first use (`celery -A migctl ...` finds it as
+`migctl.app`). Reliability settings are chosen here, with their reasons."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from migctl.settings import ConfigError, Settings
+from migctl.worker.queues import KINDS, ROUTES, queue
+
+_lock = threading.Lock()
+_app: Celery | None = None
+
+
+def build_app(settings: Settings) -> Celery:
+    pool = settings.pool.id
+    broker = settings.redis.jobs.url()
+    app = Celery("migctl", broker=broker, set_as_current=True)
+    # The longest task is a provisioning pass (seconds) and the longest countdown a
+    # minute; a redelivery window above both avoids duplicate runs (FACTS D.1), and a
+    # short one makes kill -9 recovery fast. Tests shorten it.
+    visibility = float(os.environ.get("MIGCTL_VISIBILITY_TIMEOUT", "300"))
+    poll = max(settings.scheduler.poll_interval, 1.0)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": min(10.0, visibility / 3),
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=queue(pool, "assign"),
+        task_queues=[Queue(queue(pool, kind)) for kind in KINDS],
+        task_routes={name: {"queue": queue(pool, kind)} for name, kind in ROUTES.items()},
+        redbeat_redis_url=broker,
+        redbeat_key_prefix=f"migctl:{{{pool}}}:redbeat",
+        redbeat_lock_timeout=max(30, int(poll * 10)),
+        beat_max_loop_interval=5,
+        beat_schedule={
+            "sweep": {"task": "migctl.sweep", "schedule": timedelta(seconds=poll * 5)},
+            "reconcile": {"task": "migctl.reconcile", "schedule": timedelta(seconds=10)},
+            "sync": {"task": "migctl.sync", "schedule": timedelta(seconds=settings.vm_manager.poll_interval)},
+            "canary": {"task": "migctl.canary", "schedule": timedelta(seconds=15)},
+        },
+        timezone="UTC",
+    )
+    import migctl.worker.tasks  # noqa: F401  (registers the tasks on this app)
+
+    return app
+
+
+def get_app() -> Celery:
+    global _app
+    with _lock:
+        if _app is None:
+            from migctl.runtime import settings
+
+            try:
+                s = settings()
+            except ConfigError as exc:
+                print(str(exc), file=sys.stderr)
+                raise SystemExit(2) from None
+            _app = build_app(s)
+        return _app
+
+
+def reset_app() -> None:
+    global _app
+    with _lock:
+        _app = None
+
+
+def send(name: str, *args: Any) -> None:
+    get_app().send_task(name, args=list(args))
