@@ -56,15 +56,18 @@ def requeue(job: Job, now: float, reason: str, max_retries: int, *, count: bool 
 def _release_reservation(
     change: Change,
     vm: Vm,
+    started: Job,
     reserved: Job | None,
     other_vm: Vm | None,
     now: float,
 ) -> None:
-    """`vm`'s runner was taken by a job other than the one it was reserved for.
+    """`vm`'s runner was taken by `started`, not by the job it was reserved for.
 
     The job it was reserved for takes over `other_vm`'s reservation when there is one
-    (the started job had reserved it), else goes back to the queue at its old place.
+    (`started` had reserved it), else goes back to the queue at its old place.
     """
+    if other_vm is not None and other_vm.reserved_job != started.id:
+        other_vm = None  # that VM has moved on to other demand: leave it alone
     if reserved is None or reserved.state is not JobState.ASSIGNED or reserved.vm_id != vm.id:
         if other_vm is not None:
             change.vm(other_vm.with_(reserved_job="", reserved_at=0.0))
@@ -112,7 +115,7 @@ def job_started(
         )
     )
     change.vm(vm.with_(job_id=job.id, reserved_job="", reserved_at=0.0, last_active=now, runner_registered=True))
-    _release_reservation(change, vm, reserved, other_vm, now)
+    _release_reservation(change, vm, job, reserved, other_vm, now)
     return change
 
 
