@@ -38,7 +38,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     if args.jobs < 0:
         return _fail("--jobs must be 0 or more")
-    print("migctl up: starting the local world (redis, pub/sub, worker, beat, gateway, bridge, flower, agents)...")
+    print(
+        "migctl up: starting the local world "
+        "(redis, pub/sub, worker, beat, gateway, bridge, flower, agents)..."
+    )
     started = time.monotonic()
     stack = LocalStack(options)
     interrupted = False
@@ -51,27 +54,47 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
         STATE_FILE.parent.mkdir(exist_ok=True)
         assert stack.github is not None
-        STATE_FILE.write_text(json.dumps({
-            "github_url": stack.github.url, "redis_url": stack.redis_url, "config": str(stack.config_path),
-            "http": f"http://127.0.0.1:{stack.ports['http']}", "flower": f"http://127.0.0.1:{stack.ports['flower']}",
-        }))
+        STATE_FILE.write_text(
+            json.dumps(
+                {
+                    "github_url": stack.github.url,
+                    "redis_url": stack.redis_url,
+                    "config": str(stack.config_path),
+                    "http": f"http://127.0.0.1:{stack.ports['http']}",
+                    "flower": f"http://127.0.0.1:{stack.ports['flower']}",
+                }
+            )
+        )
         store = RedisStore(stack.redis, POOL)
-        source = "Pub/Sub emulator " + stack.emulator_host if stack.emulator else "local Redis job source (no emulator)"
-        print(f"  redis     {stack.redis_url}\n  jobs via  {source}\n  gRPC      127.0.0.1:{stack.ports['grpc']}"
-              f"\n  HTTP      http://127.0.0.1:{stack.ports['http']}/stats\n  flower    http://127.0.0.1:{stack.ports['flower']}"
-              f" (admin:local-only)\n  logs      {stack.workdir}")
+        source = (
+            "Pub/Sub emulator " + stack.emulator_host
+            if stack.emulator
+            else "local Redis job source (no emulator)"
+        )
+        print(
+            f"  redis     {stack.redis_url}\n"
+            f"  jobs via  {source}\n"
+            f"  gRPC      127.0.0.1:{stack.ports['grpc']}\n"
+            f"  HTTP      http://127.0.0.1:{stack.ports['http']}/stats\n"
+            f"  flower    http://127.0.0.1:{stack.ports['flower']} (admin:local-only)\n"
+            f"  logs      {stack.workdir}"
+        )
         print(f"  ready in {time.monotonic() - started:.1f}s; submitting {args.jobs} demo jobs")
         t0 = time.monotonic()
         ids = stack.submit(args.jobs) if args.jobs else []
         ok = _watch(stack, store, ids, args.timeout)
         _summary(stack, store, ids, time.monotonic() - t0)
         if args.keep_running:
-            print("stack is up (--keep-running). `migctl submit` adds jobs; Ctrl-C stops everything.")
+            print(
+                "stack is up (--keep-running). `migctl submit` adds jobs; Ctrl-C stops everything."
+            )
             while True:
                 time.sleep(2)
                 dead = [n for n, alive in stack.alive().items() if not alive]
                 if dead:
-                    return _fail(f"process(es) died: {', '.join(dead)}; see logs in {stack.workdir}", 1)
+                    return _fail(
+                        f"process(es) died: {', '.join(dead)}; see logs in {stack.workdir}", 1
+                    )
         return 0 if ok else 1
     except KeyboardInterrupt:
         interrupted = True
@@ -100,8 +123,11 @@ def _watch(stack: Any, store: Any, ids: list[str], timeout: float) -> bool:
         vm_states: dict[str, int] = {}
         for vm in vms:
             vm_states[vm.state.value] = vm_states.get(vm.state.value, 0) + 1
-        line = "jobs " + " ".join(f"{k}={v}" for k, v in sorted(states.items())) + " | vms " + " ".join(
-            f"{k}={v}" for k, v in sorted(vm_states.items())
+        line = (
+            "jobs "
+            + " ".join(f"{k}={v}" for k, v in sorted(states.items()))
+            + " | vms "
+            + " ".join(f"{k}={v}" for k, v in sorted(vm_states.items()))
         )
         if line != last:
             print(f"  [{time.strftime('%H:%M:%S')}] {line}")
@@ -133,12 +159,17 @@ def _summary(stack: Any, store: Any, ids: list[str], elapsed: float) -> None:
     waits = sorted(j.started_at - j.received_at for j in jobs if j.started_at and j.received_at)
     completed = sum(1 for j in jobs if j.state.value == "COMPLETED")
     c = store.counters()
-    print(f"\nsummary: {completed}/{len(ids)} jobs COMPLETED in {elapsed:.1f}s; "
-          f"VMs created {c.get('created_vms', 0)}, started {c.get('started_vms', 0)}; "
-          f"dead letters {c.get('dead_letters', 0)}")
+    print(
+        f"\nsummary: {completed}/{len(ids)} jobs COMPLETED in {elapsed:.1f}s; "
+        f"VMs created {c.get('created_vms', 0)}, started {c.get('started_vms', 0)}; "
+        f"dead letters {c.get('dead_letters', 0)}"
+    )
     if waits:
         p95 = waits[min(len(waits) - 1, int(len(waits) * 0.95))]
-        print(f"queue-to-start wait: p50 {statistics.median(waits):.2f}s, p95 {p95:.2f}s, max {waits[-1]:.2f}s")
+        print(
+            f"queue-to-start wait: p50 {statistics.median(waits):.2f}s, "
+            f"p95 {p95:.2f}s, max {waits[-1]:.2f}s"
+        )
 
 
 # -- submit / status / deadletters ---------------------------------------------------------------
@@ -153,16 +184,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     state = _state()
     if state is None:
-        return _fail("no running local world here: start one with `migctl up --keep-running` (in this directory)")
+        return _fail(
+            "no running local world here: "
+            "start one with `migctl up --keep-running` (in this directory)"
+        )
     if args.count < 1:
         return _fail("--count must be at least 1")
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     out = []
     for _ in range(args.count):
-        resp = requests.post(f"{state['github_url']}/_sim/jobs", json={
-            "org": "local-org", "repo": args.repo, "labels": labels, "duration": args.duration}, timeout=10)
+        resp = requests.post(
+            f"{state['github_url']}/_sim/jobs",
+            json={
+                "org": "local-org",
+                "repo": args.repo,
+                "labels": labels,
+                "duration": args.duration,
+            },
+            timeout=10,
+        )
         if resp.status_code != 201:
-            return _fail(f"the fake GitHub refused the job: {resp.status_code} {resp.text.strip()}", 1)
+            return _fail(
+                f"the fake GitHub refused the job: {resp.status_code} {resp.text.strip()}", 1
+            )
         out.append(resp.json()["job_id"])
     print("submitted job(s): " + ", ".join(out))
     return 0
@@ -188,11 +232,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=1))
         return 0
-    print(f"pool {s['pool_id']}: queue {s['queue_length']}, connected VMs {s['connected_vms']}, "
-          f"assigned {s['assigned_jobs']}, failed {s['failed_jobs']}, started {s['started_vms']}, created {s['created_vms']}")
+    print(
+        f"pool {s['pool_id']}: queue {s['queue_length']}, connected VMs {s['connected_vms']}, "
+        f"assigned {s['assigned_jobs']}, failed {s['failed_jobs']}, "
+        f"started {s['started_vms']}, created {s['created_vms']}"
+    )
     print(f"\n{'VM':<28}{'STATE':<12}{'AGENT':<20}{'JOB':<14}RESERVED")
     for vm, _ in store.get_vms():
-        print(f"{vm.id:<28}{vm.state.value:<12}{vm.agent.value or '-':<20}{vm.job_id or '-':<14}{vm.reserved_job or '-'}")
+        print(
+            f"{vm.id:<28}{vm.state.value:<12}{vm.agent.value or '-':<20}"
+            f"{vm.job_id or '-':<14}{vm.reserved_job or '-'}"
+        )
     queued = store.queued(limit=20)
     if queued:
         print("\nqueued: " + ", ".join(job.id for job, _ in queued))
@@ -213,25 +263,43 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole local world with a demo workload")
     up.add_argument("--jobs", type=int, default=20, help="demo jobs to run (default 20)")
     up.add_argument("--keep-running", action="store_true", help="leave the stack up after the demo")
-    up.add_argument("--redis", help="use this Redis (redis://HOST:PORT/DB) instead of an embedded one")
-    up.add_argument("--no-emulator", action="store_true", help="use the local job source even if the emulator exists")
+    up.add_argument(
+        "--redis", help="use this Redis (redis://HOST:PORT/DB) instead of an embedded one"
+    )
+    up.add_argument(
+        "--no-emulator",
+        action="store_true",
+        help="use the local job source even if the emulator exists",
+    )
     up.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     up.add_argument("--min-ready", type=int, default=1, help="warm pool size (default 1)")
     up.add_argument("--max-vms", type=int, default=10, help="pool limit (default 10)")
-    up.add_argument("--job-duration", type=float, default=2.0, help="seconds each demo job runs (default 2)")
-    up.add_argument("--timeout", type=float, default=300.0, help="give up on the demo after this many seconds")
-    up.add_argument("-v", "--verbose", action="store_true", help="info-level logs from the processes")
+    up.add_argument(
+        "--job-duration", type=float, default=2.0, help="seconds each demo job runs (default 2)"
+    )
+    up.add_argument(
+        "--timeout", type=float, default=300.0, help="give up on the demo after this many seconds"
+    )
+    up.add_argument(
+        "-v", "--verbose", action="store_true", help="info-level logs from the processes"
+    )
     up.set_defaults(func=cmd_up)
     submit = sub.add_parser("submit", help="add jobs to a running `migctl up --keep-running`")
     submit.add_argument("--count", type=int, default=1)
-    submit.add_argument("--labels", default="self-hosted,linux,x64", help="comma-separated runs-on labels")
+    submit.add_argument(
+        "--labels", default="self-hosted,linux,x64", help="comma-separated runs-on labels"
+    )
     submit.add_argument("--repo", default="local-org/demo", help="owner/name")
     submit.add_argument("--duration", type=float, default=2.0, help="seconds the job runs")
     submit.set_defaults(func=cmd_submit)
-    for name, func, text in (("status", cmd_status, "the pool at a glance"),
-                             ("deadletters", cmd_deadletters, "messages the bridge refused, newest first")):
+    for name, func, text in (
+        ("status", cmd_status, "the pool at a glance"),
+        ("deadletters", cmd_deadletters, "messages the bridge refused, newest first"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="controller YAML (default: $MIGCTL_CONFIG, or the running local world)")
+        p.add_argument(
+            "--config", help="controller YAML (default: $MIGCTL_CONFIG, or the running local world)"
+        )
         if name == "status":
             p.add_argument("--json", action="store_true")
         else:

@@ -13,7 +13,8 @@ from migctl.settings import Settings
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -24,7 +25,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(settings: Settings) -> None:
-    level = settings.logging.level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    level = (
+        settings.logging.level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    )
     handler = logging.StreamHandler(sys.stderr)
     if settings.logging.format == "json":
         handler.setFormatter(JsonFormatter())

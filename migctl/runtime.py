@@ -41,8 +41,12 @@ def make_provider(settings: Settings, client: redis.Redis) -> VmProvider:
 
         s = settings.sim
         timings = SimTimings(
-            create_s=s.create_s, start_s=s.start_s, resume_s=s.resume_s,
-            stop_s=s.stop_s, suspend_s=s.stop_s, delete_s=s.stop_s,
+            create_s=s.create_s,
+            start_s=s.start_s,
+            resume_s=s.resume_s,
+            stop_s=s.stop_s,
+            suspend_s=s.stop_s,
+            delete_s=s.stop_s,
         )
         return SimMig(client, settings.pool.id, timings)
     from migctl.adapters.gce import GceMig

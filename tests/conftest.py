@@ -12,7 +12,6 @@ import pytest
 import redis
 
 from migctl.sim.stack import RedisServer
-
 from tests.helpers import require
 
 

@@ -36,7 +36,11 @@ def _encode_value(value: Any) -> str:
 
 
 def encode(record: Job | Vm) -> dict[str, str]:
-    return {f.name: _encode_value(getattr(record, f.name)) for f in fields(record) if f.name not in _SKIP}
+    return {
+        f.name: _encode_value(getattr(record, f.name))
+        for f in fields(record)
+        if f.name not in _SKIP
+    }
 
 
 def flat(mapping: dict[str, str]) -> list[str]:
@@ -58,7 +62,7 @@ def _decode(cls: type[Job] | type[Vm], raw: dict[str, str]) -> dict[str, Any]:
             try:
                 kwargs[f.name] = enum(text)
             except ValueError:
-                kwargs[f.name] = AgentState.NONE if enum is AgentState else list(enum)[0]
+                kwargs[f.name] = AgentState.NONE if enum is AgentState else next(iter(enum))
         elif kind.startswith("tuple"):
             kwargs[f.name] = tuple(s for s in text.split(",") if s)
         elif kind == "bool":
@@ -74,10 +78,7 @@ def _decode(cls: type[Job] | type[Vm], raw: dict[str, str]) -> dict[str, Any]:
 
 def pairs(raw: list[Any] | dict[Any, Any]) -> dict[str, str]:
     """HGETALL's reply (a dict, or a flat list from Lua) as str -> str."""
-    if isinstance(raw, dict):
-        items = raw.items()
-    else:
-        items = zip(raw[::2], raw[1::2], strict=True)
+    items = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
     return {_s(k): _s(v) for k, v in items}
 
 

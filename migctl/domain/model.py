@@ -151,7 +151,9 @@ class Vm:
     capabilities: tuple[str, ...] = ()
     cmd_id: str = ""  # a register_runner sent and not yet acked: the VM is not free meanwhile
     reserved_at: float = 0.0
-    session: str = ""  # the gateway stream that holds the agent, so a stale one cannot disconnect it
+    session: str = (
+        ""  # the gateway stream that holds the agent, so a stale one cannot disconnect it
+    )
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -50,7 +50,9 @@ def requeue(job: Job, now: float, reason: str, max_retries: int, *, count: bool 
             updated_at=now,
             finished_at=now,
         )
-    return job.with_(state=JobState.QUEUED, vm_id="", retries=retries, reason=reason, updated_at=now)
+    return job.with_(
+        state=JobState.QUEUED, vm_id="", retries=retries, reason=reason, updated_at=now
+    )
 
 
 def _release_reservation(
@@ -102,7 +104,9 @@ def job_started(
         return change
     if job.state is JobState.RUNNING:
         if job.vm_id != vm.id:
-            change.notes.append(f"job {job.id} already running on {job.vm_id}; start from {vm.id} ignored")
+            change.notes.append(
+                f"job {job.id} already running on {job.vm_id}; start from {vm.id} ignored"
+            )
         return change
     change.job(
         job.with_(
@@ -114,7 +118,11 @@ def job_started(
             reason="",
         )
     )
-    change.vm(vm.with_(job_id=job.id, reserved_job="", reserved_at=0.0, last_active=now, runner_registered=True))
+    change.vm(
+        vm.with_(
+            job_id=job.id, reserved_job="", reserved_at=0.0, last_active=now, runner_registered=True
+        )
+    )
     _release_reservation(change, vm, job, reserved, other_vm, now)
     return change
 
@@ -134,7 +142,9 @@ def job_completed(
     change = Change()
     if not job.state.terminal:
         if job.state is not JobState.RUNNING or job.vm_id != vm.id:
-            change = job_started(vm, job, reserved=reserved, other_vm=other_vm, run_id=run_id, now=now)
+            change = job_started(
+                vm, job, reserved=reserved, other_vm=other_vm, run_id=run_id, now=now
+            )
         job = change.jobs.get(job.id, job)
         vm = change.vms.get(vm.id, vm)
         change.job(
@@ -149,7 +159,9 @@ def job_completed(
     if vm.job_id in ("", job.id):
         # Ephemeral runners: one job per registration, so the VM needs a new one.
         reserved_job = "" if vm.reserved_job == job.id else vm.reserved_job
-        change.vm(vm.with_(job_id="", reserved_job=reserved_job, runner_registered=False, last_active=now))
+        change.vm(
+            vm.with_(job_id="", reserved_job=reserved_job, runner_registered=False, last_active=now)
+        )
     return change
 
 
@@ -163,12 +175,21 @@ def runner_crashed(
             new = change.job(requeue(job, now, f"runner on {vm.id} crashed: {reason}", max_retries))
             if new.state is JobState.QUEUED:
                 change.requeued.append(new.id)
-    change.vm(vm.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, last_active=now))
+    change.vm(
+        vm.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, last_active=now)
+    )
     return change
 
 
 def command_acked(
-    vm: Vm, reserved: Job | None, *, command_id: str, success: bool, message: str, now: float, max_retries: int
+    vm: Vm,
+    reserved: Job | None,
+    *,
+    command_id: str,
+    success: bool,
+    message: str,
+    now: float,
+    max_retries: int,
 ) -> Change:
     """The agent answered a `register_runner`. A refusal sends the job back, bounded."""
     change = Change()
@@ -180,20 +201,30 @@ def command_acked(
         return change
     change.vm(vm.with_(cmd_id="", reserved_job="", reserved_at=0.0, runner_registered=False))
     if reserved is not None and reserved.state is JobState.ASSIGNED and reserved.vm_id == vm.id:
-        new = change.job(requeue(reserved, now, f"registration on {vm.id} failed: {message}", max_retries))
+        new = change.job(
+            requeue(reserved, now, f"registration on {vm.id} failed: {message}", max_retries)
+        )
         if new.state is JobState.QUEUED:
             change.requeued.append(new.id)
     return change
 
 
-def job_ended_elsewhere(job: Job, vm: Vm | None, *, state: JobState, reason: str, conclusion: str, now: float) -> Change:
+def job_ended_elsewhere(
+    job: Job, vm: Vm | None, *, state: JobState, reason: str, conclusion: str, now: float
+) -> Change:
     """GitHub says the job finished, was cancelled, or went to a runner not ours: the
     demand it held is released and a VM reserved for it goes back to the pool."""
     change = Change()
     if job.state.terminal:
         return change
     change.job(
-        job.with_(state=state, reason=reason, conclusion=conclusion or job.conclusion, finished_at=now, updated_at=now)
+        job.with_(
+            state=state,
+            reason=reason,
+            conclusion=conclusion or job.conclusion,
+            finished_at=now,
+            updated_at=now,
+        )
     )
     if vm is not None:
         if vm.reserved_job == job.id:
@@ -209,7 +240,9 @@ def assignment_timed_out(job: Job, vm: Vm | None, *, now: float, max_retries: in
     change = Change()
     if job.state is not JobState.ASSIGNED:
         return change
-    new = change.job(requeue(job, now, f"no runner started it on {job.vm_id or 'its VM'} in time", max_retries))
+    new = change.job(
+        requeue(job, now, f"no runner started it on {job.vm_id or 'its VM'} in time", max_retries)
+    )
     if new.state is JobState.QUEUED:
         change.requeued.append(job.id)
     if vm is not None and vm.reserved_job == job.id:
@@ -218,7 +251,9 @@ def assignment_timed_out(job: Job, vm: Vm | None, *, now: float, max_retries: in
     return change
 
 
-def vm_lost(vm: Vm, running: Job | None, reserved: Job | None, *, now: float, max_retries: int) -> Change:
+def vm_lost(
+    vm: Vm, running: Job | None, reserved: Job | None, *, now: float, max_retries: int
+) -> Change:
     """The VM is gone or replaced: its jobs go back to the queue (bounded)."""
     change = Change()
     for job in (running, reserved):
@@ -226,14 +261,18 @@ def vm_lost(vm: Vm, running: Job | None, reserved: Job | None, *, now: float, ma
             new = change.job(requeue(job, now, f"VM {vm.id} was lost", max_retries))
             if new.state is JobState.QUEUED:
                 change.requeued.append(new.id)
-    change.vm(vm.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, connected=False))
+    change.vm(
+        vm.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, connected=False)
+    )
     return change
 
 
 _AGENT_REGISTERED = {AgentState.IDLE, AgentState.JOB_RUNNING}
 
 
-def agent_reported(vm: Vm, state: AgentState, *, now: float, capabilities: tuple[str, ...] | None = None) -> Vm:
+def agent_reported(
+    vm: Vm, state: AgentState, *, now: float, capabilities: tuple[str, ...] | None = None
+) -> Vm:
     """A heartbeat whose `miglet_state` differs from what we had, or a (re)connect."""
     changes: dict[str, object] = {"agent": state, "connected": True}
     if vm.lifecycle is Lifecycle.STARTING:
@@ -242,7 +281,10 @@ def agent_reported(vm: Vm, state: AgentState, *, now: float, capabilities: tuple
         changes["runner_registered"] = True
     elif state is AgentState.READY:
         changes["runner_registered"] = False
-    if state in (AgentState.READY, AgentState.IDLE) and vm.agent not in (AgentState.READY, AgentState.IDLE):
+    if state in (AgentState.READY, AgentState.IDLE) and vm.agent not in (
+        AgentState.READY,
+        AgentState.IDLE,
+    ):
         changes["last_active"] = now
     if capabilities is not None:
         changes["capabilities"] = capabilities

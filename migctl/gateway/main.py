@@ -23,7 +23,9 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     key, cert = Path(srv.tls_key_file).read_bytes(), Path(srv.tls_cert_file).read_bytes()
     ca = Path(srv.tls_client_ca_file).read_bytes() if srv.tls_client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -33,8 +35,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     rt.use_settings(settings)
     runtime = rt.runtime()
-    dispatch = runtime.dispatch
-    relay = Relay(settings, runtime.store, runtime.events, lambda name, *args: dispatch.send(name, *args))
+    from migctl.worker.dispatch import CeleryDispatcher
+
+    dispatch = CeleryDispatcher(settings)
+    relay = Relay(
+        settings, runtime.store, runtime.events, lambda name, *args: dispatch.send(name, *args)
+    )
     gateway = Gateway(settings, relay, settings.redis.jobs.url())
     server = grpc.aio.server(options=server_options(settings))
     pb_grpc.add_CommandServiceServicer_to_server(gateway, server)
@@ -46,8 +52,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await server.start()
     await gateway.start_background()
     http = serve_http(runtime.store, settings.server.bind, settings.server.http_port)
-    log.info("gateway listening on %s (gRPC, %s) and :%d (HTTP)", address, "TLS" if creds else "plaintext",
-             settings.server.http_port)
+    log.info(
+        "gateway listening on %s (gRPC, %s) and :%d (HTTP)",
+        address,
+        "TLS" if creds else "plaintext",
+        settings.server.http_port,
+    )
     await stop.wait()
     log.info("gateway stopping")
     http.shutdown()

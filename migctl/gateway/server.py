@@ -53,7 +53,11 @@ KEEPALIVE_OPTIONS = [
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     size = settings.server.max_message_bytes
-    return [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    return [
+        *KEEPALIVE_OPTIONS,
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
 
 
 @dataclass
@@ -73,7 +77,13 @@ class Session:
 class Relay:
     """What the gateway does with Redis and the workers, off the event loop."""
 
-    def __init__(self, settings: Settings, store: RedisStore, events: AgentEvents, send_task: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: RedisStore,
+        events: AgentEvents,
+        send_task: Callable[..., None],
+    ) -> None:
         self.settings = settings
         self.store = store
         self.events = events
@@ -94,11 +104,15 @@ class Gateway(pb_grpc.CommandServiceServicer):
         self.beats: dict[str, float] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.refused = 0
+        self._inflight: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start_background(self) -> None:
-        self._tasks = [asyncio.create_task(self._wakeups()), asyncio.create_task(self._flush_heartbeats())]
+        self._tasks = [
+            asyncio.create_task(self._wakeups()),
+            asyncio.create_task(self._flush_heartbeats()),
+        ]
 
     async def stop_background(self) -> None:
         for task in self._tasks:
@@ -108,7 +122,7 @@ class Gateway(pb_grpc.CommandServiceServicer):
 
     # -- the stream ----------------------------------------------------------------------
 
-    async def StreamCommands(  # noqa: N802 (the wire's method name)
+    async def StreamCommands(
         self, request_iterator: AsyncIterator[pb.MIGletMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ControllerMessage]:
         first = await _next(request_iterator)
@@ -121,7 +135,11 @@ class Gateway(pb_grpc.CommandServiceServicer):
         if verdict:
             self.refused += 1
             log.warning("refused agent vm=%r pool=%r: %s", hello.vm_id, hello.pool_id, verdict)
-            yield pb.ControllerMessage(connect_ack=pb.ConnectAck(accepted=False, message=verdict, server_version=__version__))
+            yield pb.ControllerMessage(
+                connect_ack=pb.ConnectAck(
+                    accepted=False, message=verdict, server_version=__version__
+                )
+            )
             return
         session = Session(hello.vm_id)
         old = self.sessions.get(hello.vm_id)
@@ -131,7 +149,11 @@ class Gateway(pb_grpc.CommandServiceServicer):
         reader = None
         try:
             await self.relay.run(self._connected, session, tuple(hello.capabilities))
-            yield pb.ControllerMessage(connect_ack=pb.ConnectAck(accepted=True, message="welcome", server_version=__version__))
+            yield pb.ControllerMessage(
+                connect_ack=pb.ConnectAck(
+                    accepted=True, message="welcome", server_version=__version__
+                )
+            )
             reader = asyncio.create_task(self._read(session, request_iterator))
             await self._deliver(session)
             while True:
@@ -173,13 +195,20 @@ class Gateway(pb_grpc.CommandServiceServicer):
             agent = vm.agent if vm.agent is not AgentState.NONE else AgentState.CONNECTING
             lifecycle = Lifecycle.NONE if vm.lifecycle is Lifecycle.STARTING else vm.lifecycle
             return vm.with_(
-                connected=True, session=session.id, capabilities=capabilities, agent=agent,
-                lifecycle=lifecycle, last_heartbeat=time.time(), unhealthy=False,
+                connected=True,
+                session=session.id,
+                capabilities=capabilities,
+                agent=agent,
+                lifecycle=lifecycle,
+                last_heartbeat=time.time(),
+                unhealthy=False,
             )
 
         events._update_vm(session.vm_id, update)
 
-    async def _read(self, session: Session, request_iterator: AsyncIterator[pb.MIGletMessage]) -> None:
+    async def _read(
+        self, session: Session, request_iterator: AsyncIterator[pb.MIGletMessage]
+    ) -> None:
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("message")
@@ -187,11 +216,19 @@ class Gateway(pb_grpc.CommandServiceServicer):
                     await self._heartbeat(session, msg.heartbeat)
                 elif kind == "event":
                     ev = msg.event
-                    await self.relay.run(self.relay.send_task, "migctl.agent_event", session.vm_id, ev.type, dict(ev.data))
+                    await self.relay.run(
+                        self.relay.send_task,
+                        "migctl.agent_event",
+                        session.vm_id,
+                        ev.type,
+                        dict(ev.data),
+                    )
                 elif kind == "command_ack":
                     await self._ack(session, msg.command_ack)
                 elif kind == "error":
-                    log.warning("agent %s reports %s: %s", session.vm_id, msg.error.code, msg.error.message)
+                    log.warning(
+                        "agent %s reports %s: %s", session.vm_id, msg.error.code, msg.error.message
+                    )
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:
@@ -204,14 +241,26 @@ class Gateway(pb_grpc.CommandServiceServicer):
         state = beat.miglet_state
         if state and state != session.state:
             session.state = state
-            await self.relay.run(self.relay.events.agent_state, session.vm_id, AgentState.parse(state))
+            await self.relay.run(
+                self.relay.events.agent_state, session.vm_id, AgentState.parse(state)
+            )
 
     async def _ack(self, session: Session, ack: pb.CommandAck) -> None:
-        outcome = {"success": ack.success, "message": ack.message, "result": dict(ack.result), "at": time.time()}
+        outcome = {
+            "success": ack.success,
+            "message": ack.message,
+            "result": dict(ack.result),
+            "at": time.time(),
+        }
         first = await self.relay.run(self.store.ack_command, session.vm_id, ack.command_id, outcome)
         if first:
             await self.relay.run(
-                self.relay.send_task, "migctl.command_acked", session.vm_id, ack.command_id, ack.success, ack.message
+                self.relay.send_task,
+                "migctl.command_acked",
+                session.vm_id,
+                ack.command_id,
+                ack.success,
+                ack.message,
             )
 
     async def _deliver(self, session: Session) -> None:
@@ -235,6 +284,12 @@ class Gateway(pb_grpc.CommandServiceServicer):
 
     # -- background ----------------------------------------------------------------------
 
+    def _spawn(self, coro: Any) -> None:
+        # The loop keeps only weak references to tasks: hold them until they finish.
+        task = asyncio.create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def _wakeups(self) -> None:
         """One pub/sub connection per gateway, whatever the number of VMs."""
         backoff = 0.5
@@ -246,12 +301,16 @@ class Gateway(pb_grpc.CommandServiceServicer):
                 backoff = 0.5
                 # A wake-up missed while disconnected: sweep every session's outbox.
                 for session in list(self.sessions.values()):
-                    asyncio.create_task(self._deliver(session))
+                    self._spawn(self._deliver(session))
                 async for message in pubsub.listen():
-                    vm_id = message["data"].decode() if isinstance(message["data"], bytes) else str(message["data"])
-                    session = self.sessions.get(vm_id)
-                    if session is not None:
-                        asyncio.create_task(self._deliver(session))
+                    vm_id = (
+                        message["data"].decode()
+                        if isinstance(message["data"], bytes)
+                        else str(message["data"])
+                    )
+                    holder = self.sessions.get(vm_id)
+                    if holder is not None:
+                        self._spawn(self._deliver(holder))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -295,7 +354,9 @@ async def _next(iterator: AsyncIterator[pb.MIGletMessage]) -> pb.MIGletMessage |
 
 
 def _error(code: str, message: str) -> pb.ControllerMessage:
-    return pb.ControllerMessage(error=pb.ErrorNotification(code=code, message=message, timestamp=int(time.time())))
+    return pb.ControllerMessage(
+        error=pb.ErrorNotification(code=code, message=message, timestamp=int(time.time()))
+    )
 
 
 def _command(command: dict[str, Any]) -> pb.Command:

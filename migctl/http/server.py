@@ -43,7 +43,9 @@ def stats(store: RedisStore) -> dict[str, Any]:
     return out
 
 
-def readiness(store: RedisStore, extra: Callable[[], str] | None = None) -> tuple[bool, dict[str, str]]:
+def readiness(
+    store: RedisStore, extra: Callable[[], str] | None = None
+) -> tuple[bool, dict[str, str]]:
     checks: dict[str, str] = {}
     try:
         store.r.ping()
@@ -53,8 +55,14 @@ def readiness(store: RedisStore, extra: Callable[[], str] | None = None) -> tupl
         return False, checks
     raw = store.r.get(store.k.prefix + "canary")
     age = time.time() - float(raw) if raw else None
-    checks["worker"] = "ok" if age is not None and age < CANARY_MAX_AGE_S else (
-        "no worker has consumed the canary task" if age is None else f"canary last consumed {age:.0f}s ago"
+    checks["worker"] = (
+        "ok"
+        if age is not None and age < CANARY_MAX_AGE_S
+        else (
+            "no worker has consumed the canary task"
+            if age is None
+            else f"canary last consumed {age:.0f}s ago"
+        )
     )
     if extra:
         checks["gateway"] = extra() or "ok"
@@ -84,7 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path == "/health":
@@ -101,8 +109,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(503, {"error": str(exc)})
 
 
-def serve(store: RedisStore, bind: str, port: int, gateway_check: Callable[[], str] | None = None) -> ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"store": store, "gateway_check": staticmethod(gateway_check) if gateway_check else None})
+def serve(
+    store: RedisStore, bind: str, port: int, gateway_check: Callable[[], str] | None = None
+) -> ThreadingHTTPServer:
+    handler = type(
+        "Handler",
+        (_Handler,),
+        {"store": store, "gateway_check": staticmethod(gateway_check) if gateway_check else None},
+    )
     server = ThreadingHTTPServer((bind, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()

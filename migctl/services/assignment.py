@@ -78,7 +78,11 @@ class Assigner:
                 self.dispatch.provision()
                 return Outcome("deferred", detail="no free VM; provisioning")
             vm_id, why = self.store.claim(
-                job.id, snap.job_rev, ordered, now=self.clock.now(), max_inflight=self.limits.max_concurrent_assignments
+                job.id,
+                snap.job_rev,
+                ordered,
+                now=self.clock.now(),
+                max_inflight=self.limits.max_concurrent_assignments,
             )
             if vm_id:
                 return self._after_claim(job.id, vm_id)
@@ -99,7 +103,11 @@ class Assigner:
             if not candidates(job, [vm]):
                 continue
             claimed, why = self.store.claim(
-                job.id, job_rev, [(vm, rev)], now=self.clock.now(), max_inflight=self.limits.max_concurrent_assignments
+                job.id,
+                job_rev,
+                [(vm, rev)],
+                now=self.clock.now(),
+                max_inflight=self.limits.max_concurrent_assignments,
             )
             if claimed:
                 return self._after_claim(job.id, vm_id)
@@ -123,7 +131,12 @@ class Assigner:
         if got is None:
             return Outcome("noop", detail="assigned; VM unknown")
         vm, rev = got
-        if vm.reserved_job == job.id and not vm.cmd_id and not vm.runner_registered and vm.agent is AgentState.READY:
+        if (
+            vm.reserved_job == job.id
+            and not vm.cmd_id
+            and not vm.runner_registered
+            and vm.agent is AgentState.READY
+        ):
             return self._register(job.id, vm, rev)
         return Outcome("noop", detail="already assigned")
 
@@ -164,7 +177,11 @@ class Assigner:
         jit = gh.use_jit and "jit" in vm.capabilities
         creds = self.tokens.runner_credentials(scope, vm.id, labels, jit)
         now = self.clock.now()
-        params = {"runner_url": creds.runner_url, "runner_group": creds.runner_group, "runner_name": vm.id}
+        params = {
+            "runner_url": creds.runner_url,
+            "runner_group": creds.runner_group,
+            "runner_name": vm.id,
+        }
         if creds.jit_config:
             params["jit_config"] = creds.jit_config
         if creds.registration_token:

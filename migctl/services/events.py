@@ -23,7 +23,13 @@ ATTEMPTS = 8
 
 
 class AgentEvents:
-    def __init__(self, store: RedisStore, settings: Settings, dispatch: Dispatcher, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        settings: Settings,
+        dispatch: Dispatcher,
+        clock: Clock | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.dispatch = dispatch
@@ -36,19 +42,41 @@ class AgentEvents:
         """One `EventNotification` from an agent. Returns what happened, for logs/tests."""
         job_id, run_id = t.event_job(data)
         if kind == "job_started" and job_id:
-            return self._apply(vm_id, job_id, lambda vm, job, reserved, other: t.job_started(
-                vm, job, reserved=reserved, other_vm=other, run_id=run_id, now=self.clock.now()
-            ))
+            return self._apply(
+                vm_id,
+                job_id,
+                lambda vm, job, reserved, other: t.job_started(
+                    vm, job, reserved=reserved, other_vm=other, run_id=run_id, now=self.clock.now()
+                ),
+            )
         if kind == "job_completed" and job_id:
             success = t.parse_bool(data.get("success", "false"))
-            return self._apply(vm_id, job_id, lambda vm, job, reserved, other: t.job_completed(
-                vm, job, success=success, reserved=reserved, other_vm=other, run_id=run_id, now=self.clock.now()
-            ))
+            return self._apply(
+                vm_id,
+                job_id,
+                lambda vm, job, reserved, other: t.job_completed(
+                    vm,
+                    job,
+                    success=success,
+                    reserved=reserved,
+                    other_vm=other,
+                    run_id=run_id,
+                    now=self.clock.now(),
+                ),
+            )
         if kind == "runner_crashed":
             reason = data.get("reason", "unknown")
-            return self._apply_vm(vm_id, lambda vm, running, reserved: t.runner_crashed(
-                vm, running, reserved, now=self.clock.now(), max_retries=self.max_retries, reason=reason
-            ))
+            return self._apply_vm(
+                vm_id,
+                lambda vm, running, reserved: t.runner_crashed(
+                    vm,
+                    running,
+                    reserved,
+                    now=self.clock.now(),
+                    max_retries=self.max_retries,
+                    reason=reason,
+                ),
+            )
         if kind == "runner_registered":
             return self._update_vm(vm_id, lambda vm: vm.with_(runner_registered=True))
         if kind in ("vm_started", "vm_shutting_down"):
@@ -57,15 +85,26 @@ class AgentEvents:
         return "ignored"
 
     def command_acked(self, vm_id: str, command_id: str, success: bool, message: str) -> str:
-        return self._apply_vm(vm_id, lambda vm, running, reserved: t.command_acked(
-            vm, reserved, command_id=command_id, success=success, message=message,
-            now=self.clock.now(), max_retries=self.max_retries,
-        ))
+        return self._apply_vm(
+            vm_id,
+            lambda vm, running, reserved: t.command_acked(
+                vm,
+                reserved,
+                command_id=command_id,
+                success=success,
+                message=message,
+                now=self.clock.now(),
+                max_retries=self.max_retries,
+            ),
+        )
 
-    def agent_state(self, vm_id: str, state: AgentState, capabilities: tuple[str, ...] | None = None) -> str:
+    def agent_state(
+        self, vm_id: str, state: AgentState, capabilities: tuple[str, ...] | None = None
+    ) -> str:
         """The agent's reported state changed (or it connected)."""
         return self._update_vm(
-            vm_id, lambda vm: t.agent_reported(vm, state, now=self.clock.now(), capabilities=capabilities)
+            vm_id,
+            lambda vm: t.agent_reported(vm, state, now=self.clock.now(), capabilities=capabilities),
         )
 
     def disconnected(self, vm_id: str, session: str) -> str:
@@ -76,7 +115,9 @@ class AgentEvents:
 
     # -- the read/decide/write loop --------------------------------------------------------
 
-    def _apply(self, vm_id: str, job_id: str, decide: Callable[[Vm, Job, Job | None, Vm | None], t.Change]) -> str:
+    def _apply(
+        self, vm_id: str, job_id: str, decide: Callable[[Vm, Job, Job | None, Vm | None], t.Change]
+    ) -> str:
         for _ in range(ATTEMPTS):
             got_vm = self.store.get_vm(vm_id)
             if got_vm is None:
@@ -88,7 +129,9 @@ class AgentEvents:
             if got_job is None:
                 # GitHub handed us a job before its queued message arrived: record it now,
                 # so the late message is a duplicate.
-                job = Job(id=job_id, labels=(), pool_id=self.store.pool_id, received_at=self.clock.now())
+                job = Job(
+                    id=job_id, labels=(), pool_id=self.store.pool_id, received_at=self.clock.now()
+                )
             else:
                 job, revs[f"job:{job_id}"] = got_job
             reserved = None
@@ -106,7 +149,9 @@ class AgentEvents:
                 return "applied" if not change.empty else "noop"
         return "conflict"
 
-    def _apply_vm(self, vm_id: str, decide: Callable[[Vm, Job | None, Job | None], t.Change]) -> str:
+    def _apply_vm(
+        self, vm_id: str, decide: Callable[[Vm, Job | None, Job | None], t.Change]
+    ) -> str:
         for _ in range(ATTEMPTS):
             got_vm = self.store.get_vm(vm_id)
             if got_vm is None:

@@ -50,7 +50,9 @@ class RedisIntake:
             return self._completed(event)
         return Outcome.IGNORED  # waiting: approval or concurrency gate; no demand yet
 
-    def dead_letter(self, raw: bytes, attributes: Mapping[str, str], reason: str, message_id: str) -> None:
+    def dead_letter(
+        self, raw: bytes, attributes: Mapping[str, str], reason: str, message_id: str
+    ) -> None:
         self.store.dead_letter(
             {
                 "at": self.clock.now(),
@@ -82,7 +84,11 @@ class RedisIntake:
 
     def _queued(self, event: JobEvent) -> Outcome:
         if not covers(self.settings.pool.labels, event.labels):
-            log.info("job %s wants labels %s this pool does not have; ignored", event.job_id, list(event.labels))
+            log.info(
+                "job %s wants labels %s this pool does not have; ignored",
+                event.job_id,
+                list(event.labels),
+            )
             self.store.incr("ignored_jobs")
             return Outcome.IGNORED
         if not self.store.create_job(self._job(event)):
@@ -95,7 +101,9 @@ class RedisIntake:
         if not runner:
             return Outcome.IGNORED
         if self.store.get_vm(runner) is not None:
-            result = self.events.event(runner, "job_started", {"job_id": event.job_id, "run_id": event.run_id})
+            result = self.events.event(
+                runner, "job_started", {"job_id": event.job_id, "run_id": event.run_id}
+            )
             return Outcome.UPDATED if result == "applied" else Outcome.DUPLICATE
         reason = f"taken by runner {runner}, not of this pool"
         return self._end(event, JobState.CANCELLED, reason, "")
@@ -103,7 +111,9 @@ class RedisIntake:
     def _completed(self, event: JobEvent) -> Outcome:
         cancelled = event.conclusion in ("cancelled", "skipped")
         state = JobState.CANCELLED if cancelled else JobState.COMPLETED
-        return self._end(event, state, f"GitHub reports it {event.conclusion or 'completed'}", event.conclusion)
+        return self._end(
+            event, state, f"GitHub reports it {event.conclusion or 'completed'}", event.conclusion
+        )
 
     def _end(self, event: JobEvent, state: JobState, reason: str, conclusion: str) -> Outcome:
         for _ in range(5):
@@ -124,8 +134,12 @@ class RedisIntake:
             vm = None
             if job.vm_id and (got_vm := self.store.get_vm(job.vm_id)):
                 vm, revs[f"vm:{job.vm_id}"] = got_vm
-            change = t.job_ended_elsewhere(job, vm, state=state, reason=reason, conclusion=conclusion, now=self.clock.now())
-            counters = {"cancelled_jobs": 1} if state is JobState.CANCELLED else {"completed_jobs": 1}
+            change = t.job_ended_elsewhere(
+                job, vm, state=state, reason=reason, conclusion=conclusion, now=self.clock.now()
+            )
+            counters = (
+                {"cancelled_jobs": 1} if state is JobState.CANCELLED else {"completed_jobs": 1}
+            )
             try:
                 self.store.save(change, revs, counters=counters)
             except Conflict:

@@ -87,7 +87,12 @@ class Pool:
         if not ids:
             return
         now = self.clock.now()
-        marked = self._mark(ids, lambda vm: vm.with_(lifecycle=Lifecycle.STARTING, state_since=now, infra=InfraStatus.STARTING))
+        marked = self._mark(
+            ids,
+            lambda vm: vm.with_(
+                lifecycle=Lifecycle.STARTING, state_since=now, infra=InfraStatus.STARTING
+            ),
+        )
         if not marked:
             return
         try:
@@ -108,8 +113,14 @@ class Pool:
         change = t.Change()
         for name in names:
             change.vm(
-                Vm(id=name, labels=labels, infra=InfraStatus.CREATING, lifecycle=Lifecycle.STARTING,
-                   created_at=now, state_since=now)
+                Vm(
+                    id=name,
+                    labels=labels,
+                    infra=InfraStatus.CREATING,
+                    lifecycle=Lifecycle.STARTING,
+                    created_at=now,
+                    state_since=now,
+                )
             )
         self.store.save(change, {})
         try:
@@ -147,8 +158,13 @@ class Pool:
             known = dict((vm.id, (vm, rev)) for vm, rev in self.store.get_vms())
             for name, pvm in listed.items():
                 if name not in known:
-                    vm = Vm(id=name, labels=tuple(self.settings.pool.labels), infra=pvm.status,
-                            created_at=pvm.created_at or now, state_since=now)
+                    vm = Vm(
+                        id=name,
+                        labels=tuple(self.settings.pool.labels),
+                        infra=pvm.status,
+                        created_at=pvm.created_at or now,
+                        state_since=now,
+                    )
                     self._save_vm(vm, 0)
                     report.add("discovered", [name])
                     continue
@@ -182,8 +198,13 @@ class Pool:
                 got_job = self.store.get_job(job_id)
                 if got_job:
                     jobs[job_id], revs[f"job:{job_id}"] = got_job
-            change = t.vm_lost(vm, jobs.get(vm.job_id), jobs.get(vm.reserved_job),
-                               now=self.clock.now(), max_retries=self.settings.scheduler.max_retries)
+            change = t.vm_lost(
+                vm,
+                jobs.get(vm.job_id),
+                jobs.get(vm.reserved_job),
+                now=self.clock.now(),
+                max_retries=self.settings.scheduler.max_retries,
+            )
             change.vms.pop(vm_id, None)
             try:
                 self.store.save(change, revs, deleted_vms=[vm_id])
@@ -206,10 +227,19 @@ class Pool:
                 report.add("assignment_timeout", [job_id])
         vms = self.store.get_vms()
         for vm, rev in vms:
-            silent = vm.connected and vm.last_heartbeat and now - vm.last_heartbeat > vmm.heartbeat_timeout
+            silent = (
+                vm.connected
+                and vm.last_heartbeat
+                and now - vm.last_heartbeat > vmm.heartbeat_timeout
+            )
             if silent and not vm.unhealthy and self._save_vm(vm.with_(unhealthy=True), rev):
                 report.add("unhealthy", [vm.id])
-            elif vm.unhealthy and not silent and vm.connected and self._save_vm(vm.with_(unhealthy=False), rev):
+            elif (
+                vm.unhealthy
+                and not silent
+                and vm.connected
+                and self._save_vm(vm.with_(unhealthy=False), rev)
+            ):
                 report.add("healthy", [vm.id])
         queued = self.store.queued(limit=100)
         free = [vm for vm, _ in vms if is_free(vm)]
@@ -230,7 +260,9 @@ class Pool:
             vm = None
             if job.vm_id and (got_vm := self.store.get_vm(job.vm_id)):
                 vm, revs[f"vm:{vm.id}"] = got_vm
-            change = t.assignment_timed_out(job, vm, now=now, max_retries=self.settings.scheduler.max_retries)
+            change = t.assignment_timed_out(
+                job, vm, now=now, max_retries=self.settings.scheduler.max_retries
+            )
             try:
                 self.store.save(change, revs, counters={"assignment_timeouts": 1})
             except Conflict:
@@ -252,15 +284,24 @@ class Pool:
         with self.store.try_lock("idle", timeout=120) as got:
             if not got:
                 return report
-            free = sorted((vm for vm, _ in self.store.get_vms() if is_free(vm)), key=lambda vm: -vm.last_active)
+            free = sorted(
+                (vm for vm, _ in self.store.get_vms() if is_free(vm)),
+                key=lambda vm: -vm.last_active,
+            )
             if self.store.queue_length():
                 return report
-            surplus = [vm for vm in free[vmm.min_ready_vms:] if now - vm.last_active > vmm.idle_timeout]
+            surplus = [
+                vm for vm in free[vmm.min_ready_vms :] if now - vm.last_active > vmm.idle_timeout
+            ]
             # An idle registered runner would be left behind offline in GitHub; those wait
             # for the drain path rather than being stopped under their runner.
             ids = [vm.id for vm in surplus if not vm.runner_registered]
             action = self.settings.pool.idle_action
-            lifecycle = {"stop": Lifecycle.STOPPING, "suspend": Lifecycle.SUSPENDING, "delete": Lifecycle.DELETING}[action]
+            lifecycle = {
+                "stop": Lifecycle.STOPPING,
+                "suspend": Lifecycle.SUSPENDING,
+                "delete": Lifecycle.DELETING,
+            }[action]
             marked = self._mark(ids, lambda vm: vm.with_(lifecycle=lifecycle, state_since=now))
             if not marked:
                 return report

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 import yaml
@@ -88,12 +89,25 @@ class RedisServer:
                 "redis-server is not installed: install it (apt-get install redis-server) "
                 "or point migctl at a Redis with --redis redis://HOST:PORT/DB"
             )
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        args = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+        ]
         if self.appendonly:
             args += ["--appendfsync", "everysec"]
         log = open(self.workdir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20
         while True:
@@ -189,7 +203,9 @@ class LocalStack:
             self.emulator = Emulator().start()
             self.emulator_host = self.emulator.host
             ensure_topic_and_subscription(self.emulator_host, PROJECT, TOPIC, SUBSCRIPTION)
-            ensure_topic_and_subscription(self.emulator_host, PROJECT, DEAD_LETTER_TOPIC, "jobs-dead-sub")
+            ensure_topic_and_subscription(
+                self.emulator_host, PROJECT, DEAD_LETTER_TOPIC, "jobs-dead-sub"
+            )
             self._publisher = publisher_client(self.emulator_host)
         self.ports = {"grpc": free_port(), "http": free_port(), "flower": free_port()}
         self.config_path.write_text(yaml.safe_dump(self._config(key_path), sort_keys=False))
@@ -202,33 +218,58 @@ class LocalStack:
         self._start_fleet()
 
     def _config(self, key_path: Path) -> dict[str, Any]:
-        r = redis.connection.parse_url(self.redis_url)
-        endpoint = {"host": r.get("host", "127.0.0.1"), "port": int(r.get("port", 6379)), "db": int(r.get("db", 0))}
-        if r.get("password"):
-            endpoint["password"] = r["password"]
+        url = urlparse(self.redis_url)
+        endpoint: dict[str, Any] = {
+            "host": url.hostname or "127.0.0.1",
+            "port": url.port or 6379,
+            "db": int(url.path.strip("/") or 0),
+        }
+        if url.password:
+            endpoint["password"] = url.password
         cfg: dict[str, Any] = {
             "pool": {"id": POOL, "labels": LABELS},
-            "scheduler": {"poll_interval": "1s", "assignment_timeout": "60s", "max_concurrent_assignments": 50},
+            "scheduler": {
+                "poll_interval": "1s",
+                "assignment_timeout": "60s",
+                "max_concurrent_assignments": 50,
+            },
             "vm_manager": {
-                "provider": "sim", "poll_interval": "2s", "heartbeat_timeout": "20s",
-                "min_ready_vms": self.o.min_ready_vms, "max_vms": self.o.max_vms,
-                "idle_timeout": f"{self.o.idle_timeout}s", "max_scale_up_per_minute": max(self.o.max_vms, 5),
+                "provider": "sim",
+                "poll_interval": "2s",
+                "heartbeat_timeout": "20s",
+                "min_ready_vms": self.o.min_ready_vms,
+                "max_vms": self.o.max_vms,
+                "idle_timeout": f"{self.o.idle_timeout}s",
+                "max_scale_up_per_minute": max(self.o.max_vms, 5),
             },
             "github_app": {
-                "app_id": APP_ID, "private_key_path": str(key_path), "base_url": self.github.url if self.github else "",
-                "web_url": "https://github.com", "org": ORG, "installation_id": 1,
+                "app_id": APP_ID,
+                "private_key_path": str(key_path),
+                "base_url": self.github.url if self.github else "",
+                "web_url": "https://github.com",
+                "org": ORG,
+                "installation_id": 1,
             },
             "redis": {"jobs": endpoint, "vm_status": endpoint},
             "pubsub": {
-                "project_id": PROJECT, "subscription": SUBSCRIPTION, "topic": TOPIC,
+                "project_id": PROJECT,
+                "subscription": SUBSCRIPTION,
+                "topic": TOPIC,
                 "source": "pubsub" if self.emulator else "local",
                 "emulator_host": self.emulator_host,
                 "dead_letter_topic": DEAD_LETTER_TOPIC if self.emulator else "",
             },
-            "server": {"grpc_port": self.ports["grpc"], "http_port": self.ports["http"], "bind": "127.0.0.1"},
+            "server": {
+                "grpc_port": self.ports["grpc"],
+                "http_port": self.ports["http"],
+                "bind": "127.0.0.1",
+            },
             "logging": {"level": self.o.log_level, "format": "console"},
-            "sim": {"create_s": self.o.create_s, "heartbeat_interval": self.o.heartbeat_interval,
-                    "job_duration": self.o.job_duration},
+            "sim": {
+                "create_s": self.o.create_s,
+                "heartbeat_interval": self.o.heartbeat_interval,
+                "job_duration": self.o.job_duration,
+            },
         }
         for path, value in self.o.extra.items():
             node = cfg
@@ -239,7 +280,11 @@ class LocalStack:
         return cfg
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTROLLER_", "GITHUB_APP", "REDIS_", "PUBSUB_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CONTROLLER_", "GITHUB_APP", "REDIS_", "PUBSUB_"))
+        }
         env.update(
             MIGCTL_CONFIG=str(self.config_path),
             MIGCTL_VISIBILITY_TIMEOUT=str(self.o.visibility_timeout),
@@ -260,7 +305,12 @@ class LocalStack:
             cmd += ["--schedule", str(self.workdir / "celerybeat-schedule")]
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
-            cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            cmd,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
         )
 
     def _start_fleet(self) -> None:
@@ -277,7 +327,11 @@ class LocalStack:
             mig = SimMig(redis.Redis.from_url(self.redis_url), POOL)
             assert self.github is not None
             self.fleet = Fleet(
-                mig, POOL, ORG, f"127.0.0.1:{self.ports['grpc']}", self.github.url,
+                mig,
+                POOL,
+                ORG,
+                f"127.0.0.1:{self.ports['grpc']}",
+                self.github.url,
                 heartbeat_interval=self.o.heartbeat_interval,
             )
             ready.set()
@@ -317,14 +371,24 @@ class LocalStack:
         else:
             publish_local(self.redis, POOL, data, attributes)
 
-    def submit(self, count: int = 1, labels: list[str] | None = None, duration: float | None = None,
-               repo: str = f"{ORG}/demo", conclusion: str = "success") -> list[str]:
+    def submit(
+        self,
+        count: int = 1,
+        labels: list[str] | None = None,
+        duration: float | None = None,
+        repo: str = f"{ORG}/demo",
+        conclusion: str = "success",
+    ) -> list[str]:
         assert self.github is not None
         ids = []
         for _ in range(count):
-            job = self.github.add_job(repo, labels or LABELS, org=ORG,
-                                      duration=self.o.job_duration if duration is None else duration,
-                                      conclusion=conclusion)
+            job = self.github.add_job(
+                repo,
+                labels or LABELS,
+                org=ORG,
+                duration=self.o.job_duration if duration is None else duration,
+                conclusion=conclusion,
+            )
             ids.append(job["job_id"])
         return ids
 
@@ -335,7 +399,11 @@ class LocalStack:
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.workdir / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
 
     # -- stop --------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from migctl.settings import ConfigError, Settings
 from migctl.worker.queues import KINDS, ROUTES, queue
@@ -54,7 +54,10 @@ def build_app(settings: Settings) -> Celery:
         beat_schedule={
             "sweep": {"task": "migctl.sweep", "schedule": timedelta(seconds=poll * 5)},
             "reconcile": {"task": "migctl.reconcile", "schedule": timedelta(seconds=10)},
-            "sync": {"task": "migctl.sync", "schedule": timedelta(seconds=settings.vm_manager.poll_interval)},
+            "sync": {
+                "task": "migctl.sync",
+                "schedule": timedelta(seconds=settings.vm_manager.poll_interval),
+            },
             "canary": {"task": "migctl.canary", "schedule": timedelta(seconds=15)},
         },
         timezone="UTC",

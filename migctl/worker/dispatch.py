@@ -27,7 +27,9 @@ class CeleryDispatcher:
         return self._app
 
     def send(self, name: str, *args: Any, countdown: float | None = None) -> None:
-        self.app.send_task(name, args=list(args), queue=queue_for(self.pool_id, name), countdown=countdown)
+        self.app.send_task(
+            name, args=list(args), queue=queue_for(self.pool_id, name), countdown=countdown
+        )
 
     def assign_job(self, job_id: str) -> None:
         self.send("migctl.assign_job", job_id)

@@ -49,7 +49,9 @@ def agent_event(self: Task, vm_id: str, kind: str, data: dict[str, str]) -> str:
 
 @shared_task(name="migctl.command_acked", bind=True)
 def command_acked(self: Task, vm_id: str, command_id: str, success: bool, message: str) -> str:
-    return _retrying(self, lambda: runtime().events.command_acked(vm_id, command_id, success, message))
+    return _retrying(
+        self, lambda: runtime().events.command_acked(vm_id, command_id, success, message)
+    )
 
 
 @shared_task(name="migctl.agent_state", bind=True)

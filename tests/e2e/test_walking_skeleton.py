@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from itertools import pairwise
 
 import pytest
 import requests
@@ -36,14 +37,26 @@ def wait_for(predicate, timeout: float, what: str, stack: LocalStack) -> None:
 @pytest.fixture(scope="module")
 def stack():
     require(find_emulator() is not None, "the Pub/Sub emulator")
-    s = LocalStack(StackOptions(use_emulator=True, workers=1, concurrency=2, min_ready_vms=2, max_vms=12,
-                                job_duration=0.5, create_s=1.0, log_level="info"))
+    s = LocalStack(
+        StackOptions(
+            use_emulator=True,
+            workers=1,
+            concurrency=2,
+            min_ready_vms=2,
+            max_vms=12,
+            job_duration=0.5,
+            create_s=1.0,
+            log_level="info",
+        )
+    )
     s.start()
     yield s
     s.stop()
 
 
-def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(stack: LocalStack) -> None:
+def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(
+    stack: LocalStack,
+) -> None:
     store = RedisStore(stack.redis, POOL)
     first = stack.submit(JOBS // 2)
     stack.publish(b"{not json", {})  # malformed: dead-lettered, flow goes on
@@ -57,7 +70,9 @@ def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(stack:
 
     wait_for(all_terminal, 300, f"{JOBS} jobs to finish", stack)
     jobs = [job for job, _ in store.get_jobs(ids)]
-    assert [j.state for j in jobs] == [JobState.COMPLETED] * JOBS, [(j.id, j.state, j.reason) for j in jobs]
+    assert [j.state for j in jobs] == [JobState.COMPLETED] * JOBS, [
+        (j.id, j.state, j.reason) for j in jobs
+    ]
 
     # GitHub's side agrees: each job ran once, on one of our runners.
     assert stack.github is not None
@@ -73,7 +88,7 @@ def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(stack:
         per_vm[job.vm_id].append((job.started_at, job.finished_at))
     for vm_id, spans in per_vm.items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in pairwise(spans):
             assert start >= end, f"{vm_id} ran two jobs at once: {spans}"
 
     # Both bad messages were dead-lettered with their reasons, and nothing else was.
@@ -93,7 +108,14 @@ def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(stack:
     # The operator endpoints answer with the seed's fields.
     base = f"http://127.0.0.1:{stack.ports['http']}"
     stats = requests.get(f"{base}/stats", timeout=5).json()
-    for field in ("queue_length", "assigned_jobs", "failed_jobs", "started_vms", "created_vms", "connected_vms"):
+    for field in (
+        "queue_length",
+        "assigned_jobs",
+        "failed_jobs",
+        "started_vms",
+        "created_vms",
+        "connected_vms",
+    ):
         assert field in stats, field
     assert stats["queue_length"] == 0
     assert requests.get(f"{base}/health", timeout=5).status_code == 200
