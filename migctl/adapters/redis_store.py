@@ -124,7 +124,10 @@ class RedisStore:
         """Store a new job; False when one with this id exists (intake dedupe)."""
         score = repr(queue_score(job)) if job.state is JobState.QUEUED else ""
         return bool(
-            self._create(keys=[self.k.job(job.id), self.k.queue, self.k.counters], args=[score, *flat(encode(job))])
+            self._create(
+                keys=[self.k.job(job.id), self.k.queue, self.k.counters],
+                args=[score, *flat(encode(job))],
+            )
         )
 
     @_redis_errors
@@ -168,7 +171,9 @@ class RedisStore:
         ids: list[str] = []
         for chunk in pipe.execute():
             ids += [_s(i) for i in chunk]
-        ids += [key.rsplit(":", 1)[1] for key in map(_s, self.r.scan_iter(self.k.job("*"), count=1000))]
+        ids += [
+            key.rsplit(":", 1)[1] for key in map(_s, self.r.scan_iter(self.k.job("*"), count=1000))
+        ]
         return list(dict.fromkeys(ids))
 
     # -- VMs ----------------------------------------------------------------------
@@ -189,11 +194,14 @@ class RedisStore:
     @_redis_errors
     def snapshot(self, job_id: str, candidates: int = 8) -> Snapshot:
         reply = self._snapshot(
-            keys=[self.k.job(job_id), self.k.free, self.k.inflight], args=[self.k.vm_prefix, candidates]
+            keys=[self.k.job(job_id), self.k.free, self.k.inflight],
+            args=[self.k.vm_prefix, candidates],
         )
         job_raw, inflight, *vm_raws = reply
         job, job_rev = decode_job(pairs(job_raw)) if job_raw else (None, 0)
-        return Snapshot(job, job_rev, int(inflight), [decode_vm(pairs(raw)) for raw in vm_raws if raw])
+        return Snapshot(
+            job, job_rev, int(inflight), [decode_vm(pairs(raw)) for raw in vm_raws if raw]
+        )
 
     @_redis_errors
     def claim(
@@ -207,7 +215,14 @@ class RedisStore:
     ) -> tuple[str | None, str]:
         """Reserve the first candidate still free for the job. (vm_id, '') on success,
         else (None, why): 'job' changed, 'limit' reached, or 'none' left."""
-        keys = [self.k.job(job_id), self.k.queue, self.k.assigned, self.k.free, self.k.inflight, self.k.counters]
+        keys = [
+            self.k.job(job_id),
+            self.k.queue,
+            self.k.assigned,
+            self.k.free,
+            self.k.inflight,
+            self.k.counters,
+        ]
         args: list[Any] = [job_id, job_rev, repr(now), max_inflight]
         for vm, rev in candidates:
             keys.append(self.k.vm(vm.id))
@@ -220,7 +235,9 @@ class RedisStore:
         if not beats:
             return 0
         ids = list(beats)
-        return int(self._heartbeat(keys=[self.k.vm(i) for i in ids], args=[repr(beats[i]) for i in ids]))
+        return int(
+            self._heartbeat(keys=[self.k.vm(i) for i in ids], args=[repr(beats[i]) for i in ids])
+        )
 
     # -- the one write path -----------------------------------------------------------
 
@@ -240,7 +257,9 @@ class RedisStore:
 
         `commands`: (vm_id, command, ttl_s) to put in the VM's outbox; each VM is woken.
         """
-        ops: dict[str, list[Any]] = {k: [] for k in ("check", "put", "del", "zadd", "zrem", "sadd", "srem")}
+        ops: dict[str, list[Any]] = {
+            k: [] for k in ("check", "put", "del", "zadd", "zrem", "sadd", "srem")
+        }
         ops.update({k: [] for k in ("rpush", "hset", "expire", "incr", "trim", "publish")})
         keys: list[str] = []
         for job in change.jobs.values():
@@ -281,7 +300,14 @@ class RedisStore:
             ops["publish"].append([self.k.wake, vm_id])
         for name, n in (counters or {}).items():
             ops["incr"].append([self.k.counters, name, n])
-        keys += [self.k.queue, self.k.assigned, self.k.recent, self.k.vms, self.k.free, self.k.inflight]
+        keys += [
+            self.k.queue,
+            self.k.assigned,
+            self.k.recent,
+            self.k.vms,
+            self.k.free,
+            self.k.inflight,
+        ]
         keys.append(self.k.counters)
         ok, *detail = self._commit(keys=list(dict.fromkeys(keys)), args=[json.dumps(_prune(ops))])
         if int(ok) != 1:
