@@ -192,7 +192,7 @@ class RedisStore:
         return [decode_vm(pairs(raw)) for raw in pipe.execute() if raw]
 
     @_redis_errors
-    def snapshot(self, job_id: str, candidates: int = 8) -> Snapshot:
+    def snapshot(self, job_id: str, candidates: int = 4) -> Snapshot:
         reply = self._snapshot(
             keys=[self.k.job(job_id), self.k.free, self.k.inflight],
             args=[self.k.vm_prefix, candidates],
@@ -212,9 +212,10 @@ class RedisStore:
         *,
         now: float,
         max_inflight: int,
-    ) -> tuple[str | None, str]:
-        """Reserve the first candidate still free for the job. (vm_id, '') on success,
-        else (None, why): 'job' changed, 'limit' reached, or 'none' left."""
+    ) -> tuple[tuple[Vm, int] | None, str]:
+        """Reserve the first candidate still free for the job. ((vm, rev), '') with the
+        VM as it is after the claim, else (None, why): 'job' changed, 'limit' reached,
+        or 'none' left."""
         keys = [
             self.k.job(job_id),
             self.k.queue,
@@ -227,8 +228,10 @@ class RedisStore:
         for vm, rev in candidates:
             keys.append(self.k.vm(vm.id))
             args += [vm.id, rev, "0" if vm.runner_registered else "1"]
-        ok, detail = self._claim(keys=keys, args=args)
-        return (_s(detail), "") if int(ok) == 1 else (None, _s(detail))
+        ok, detail, *rest = self._claim(keys=keys, args=args)
+        if int(ok) != 1:
+            return None, _s(detail)
+        return decode_vm(pairs(rest[0])), ""
 
     @_redis_errors
     def touch_heartbeats(self, beats: Mapping[str, float]) -> int:

@@ -77,15 +77,15 @@ class Assigner:
             if not ordered:
                 self.dispatch.provision()
                 return Outcome("deferred", detail="no free VM; provisioning")
-            vm_id, why = self.store.claim(
+            claimed, why = self.store.claim(
                 job.id,
                 snap.job_rev,
                 ordered,
                 now=self.clock.now(),
                 max_inflight=self.limits.max_concurrent_assignments,
             )
-            if vm_id:
-                return self._after_claim(job.id, vm_id)
+            if claimed:
+                return self._after_claim(job, *claimed)
             if why == "job":
                 return Outcome("noop", detail="job changed meanwhile")
             if why == "limit":
@@ -110,20 +110,16 @@ class Assigner:
                 max_inflight=self.limits.max_concurrent_assignments,
             )
             if claimed:
-                return self._after_claim(job.id, vm_id)
+                return self._after_claim(job, *claimed)
             if why in ("none", "limit"):
                 return Outcome(why if why == "limit" else "noop", detail=f"VM {why}")
         return Outcome("noop", detail="no queued job for this VM")
 
-    def _after_claim(self, job_id: str, vm_id: str) -> Outcome:
-        got = self.store.get_vm(vm_id)
-        if got is None:
-            return Outcome("noop", detail="VM vanished after claim")
-        vm, rev = got
+    def _after_claim(self, job: Job, vm: Vm, rev: int) -> Outcome:
         if vm.runner_registered:
             # An idle registered runner: GitHub hands it a matching job by itself.
-            return Outcome("reserved", vm_id=vm_id)
-        return self._register(job_id, vm, rev)
+            return Outcome("reserved", vm_id=vm.id)
+        return self._register(job, vm, rev)
 
     def _resume_registration(self, job: Job) -> Outcome:
         """A worker died between claim and send: finish what it started."""
@@ -137,12 +133,11 @@ class Assigner:
             and not vm.runner_registered
             and vm.agent is AgentState.READY
         ):
-            return self._register(job.id, vm, rev)
+            return self._register(job, vm, rev)
         return Outcome("noop", detail="already assigned")
 
-    def _register(self, job_id: str, vm: Vm, rev: int) -> Outcome:
-        got = self.store.get_job(job_id)
-        job = got[0] if got else Job(id=job_id, labels=())
+    def _register(self, job: Job, vm: Vm, rev: int) -> Outcome:
+        job_id = job.id
         try:
             command = self._registration_command(job, vm)
         except PermanentError as exc:

@@ -5,6 +5,7 @@
 -- A candidate is still free when its rev is what the caller read (the domain judged it free
 -- at that rev) and it holds no job. Returns {1, vm_id}, {0, 'job'} (the job changed),
 -- {0, 'limit'} (max_concurrent_assignments in flight) or {0, 'none'} (every candidate taken).
+-- On success the third element is the claimed VM's fields after the claim.
 local job_rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if job_rev ~= tonumber(ARGV[2]) or redis.call('HGET', KEYS[1], 'state') ~= 'QUEUED' then
   return {0, 'job'}
@@ -30,7 +31,7 @@ while ARGV[i] do
       redis.call('ZREM', KEYS[2], ARGV[1])
       redis.call('ZADD', KEYS[3], now, ARGV[1])
       redis.call('HINCRBY', KEYS[6], 'assigned_jobs', 1)
-      return {1, vm_id}
+      return {1, vm_id, redis.call('HGETALL', vm)}
     end
   end
   i = i + 3
