@@ -15,6 +15,7 @@ from typing import Any
 
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain.errors import PermanentError
+from migctl.faults import pause
 from migctl.domain.model import AgentState, Job, JobState, Vm
 from migctl.domain.scheduler import Limits, candidates
 from migctl.domain.states import is_free
@@ -116,6 +117,7 @@ class Assigner:
         return Outcome("noop", detail="no queued job for this VM")
 
     def _after_claim(self, job: Job, vm: Vm, rev: int) -> Outcome:
+        pause("assign.after_claim")
         if vm.runner_registered:
             # An idle registered runner: GitHub hands it a matching job by itself.
             return Outcome("reserved", vm_id=vm.id)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain import transitions as t
 from migctl.domain.model import AgentState, Job, JobState, Vm
+from migctl.faults import pause
 from migctl.domain.states import is_free
 from migctl.ports import Clock, Dispatcher, SystemClock
 from migctl.settings import Settings
@@ -201,10 +202,12 @@ class AgentEvents:
                 counters["completed_jobs"] = counters.get("completed_jobs", 0) + 1
             if job.state is JobState.QUEUED and f"job:{job.id}" in revs:
                 counters["requeued_jobs"] = counters.get("requeued_jobs", 0) + 1
+        pause("events.before_save")
         try:
             self.store.save(change, revs, counters=counters)
         except Conflict:
             return False
+        pause("events.after_save")
         for job_id in change.requeued:
             self.dispatch.assign_job(job_id)
         freed = set(change.freed) | {vm.id for vm in change.vms.values() if is_free(vm)}

@@ -147,6 +147,7 @@ class StackOptions:
     visibility_timeout: float = 30.0
     log_level: str = "warning"
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -293,6 +294,7 @@ class LocalStack:
             FLOWER_BASIC_AUTH="admin:local-only",
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.o.env)
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env
