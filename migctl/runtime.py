@@ -30,7 +30,6 @@ def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
         socket_timeout=10,
         socket_connect_timeout=5,
         health_check_interval=30,
-        retry_on_timeout=True,
         **kwargs,
     )
 

@@ -86,10 +86,11 @@ def get_app() -> Celery:
         return _app
 
 
-def reset_app() -> None:
+def reset_app(app: Celery | None = None) -> None:
+    """Forget the process's app, or install `app` as it (tests, embedded workers)."""
     global _app
     with _lock:
-        _app = None
+        _app = app
 
 
 def send(name: str, *args: Any) -> None:
