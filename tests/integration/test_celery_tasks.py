@@ -108,7 +108,7 @@ def queued(job_id: str, pool: str = "pool-a") -> JobEvent:
 
 
 def test_a_queued_job_gets_a_register_runner_in_the_vm_outbox(pool) -> None:
-    settings, store, tokens = pool
+    _, store, tokens = pool
     ready_vm(store, "vm-1")
     runtime = rt.runtime()
     assert runtime.intake.accept(queued("1001")).name == "CREATED"
@@ -124,10 +124,11 @@ def test_a_queued_job_gets_a_register_runner_in_the_vm_outbox(pool) -> None:
     assert command["string_array_params"] == list(LABELS)
     vm, _ = store.get_vm("vm-1")
     assert vm.reserved_job == "1001" and vm.cmd_id == command["id"]
+    assert tokens.calls == 1
 
 
 def test_no_free_vm_defers_and_the_ready_event_assigns(pool) -> None:
-    settings, store, tokens = pool
+    _, store, _ = pool
     runtime = rt.runtime()
     runtime.intake.accept(queued("2002"))
     time.sleep(0.5)  # let the worker run assign_job: it must not wait for a VM
@@ -146,7 +147,7 @@ def test_no_free_vm_defers_and_the_ready_event_assigns(pool) -> None:
 
 
 def test_a_task_for_another_pool_is_not_consumed(pool, redis_url: str) -> None:
-    settings, store, tokens = pool
+    _, store, _ = pool
     other = settings_for(redis_url, "pool-b")
     other_store = RedisStore(store.r, "pool-b")
     ready_vm(other_store, "vm-b")
