@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--limit", type=int, default=50)
         p.set_defaults(func=func)
+    from migctl.simulate.cli import register as register_simulate
+
+    register_simulate(sub)
     return parser
 
 
