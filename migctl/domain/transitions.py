@@ -199,6 +199,10 @@ def command_acked(
     if success:
         change.vm(vm.with_(cmd_id=""))
         return change
+    if vm.lifecycle is Lifecycle.DRAINING:
+        # The agent would not drain now (e.g. mid-registration): the next pass asks again.
+        change.vm(vm.with_(cmd_id="", lifecycle=Lifecycle.NONE))
+        return change
     change.vm(vm.with_(cmd_id="", reserved_job="", reserved_at=0.0, runner_registered=False))
     if reserved is not None and reserved.state is JobState.ASSIGNED and reserved.vm_id == vm.id:
         new = change.job(

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain import transitions as t
 from migctl.domain.errors import CapacityExhausted, MigctlError, NotFound, TemporaryError
-from migctl.domain.model import InfraStatus, JobState, Lifecycle, Vm
+from migctl.domain.model import AgentState, InfraStatus, JobState, Lifecycle, Vm
+from migctl.domain.policy import health_plan, idle_plan
 from migctl.domain.scheduler import Defer, ScaleUp, StartStopped, provision
 from migctl.domain.states import is_free
 from migctl.ports import Clock, Dispatcher, SystemClock, VmProvider
@@ -218,7 +220,7 @@ class Pool:
     # -- sweeps --------------------------------------------------------------------------
 
     def sweep(self) -> Report:
-        """Safety nets: assignment timeouts, silent agents, queued jobs nobody is serving."""
+        """Safety nets: assignment timeouts, silent or stuck VMs, queued jobs nobody serves."""
         report = Report()
         now = self.clock.now()
         sched, vmm = self.settings.scheduler, self.settings.vm_manager
@@ -226,21 +228,20 @@ class Pool:
             if self._timeout_assignment(job_id, now):
                 report.add("assignment_timeout", [job_id])
         vms = self.store.get_vms()
-        for vm, rev in vms:
-            silent = (
-                vm.connected
-                and vm.last_heartbeat
-                and now - vm.last_heartbeat > vmm.heartbeat_timeout
-            )
-            if silent and not vm.unhealthy and self._save_vm(vm.with_(unhealthy=True), rev):
-                report.add("unhealthy", [vm.id])
-            elif (
-                vm.unhealthy
-                and not silent
-                and vm.connected
-                and self._save_vm(vm.with_(unhealthy=False), rev)
-            ):
-                report.add("healthy", [vm.id])
+        plan = health_plan(
+            [vm for vm, _ in vms],
+            now,
+            heartbeat_timeout=vmm.heartbeat_timeout,
+            boot_timeout=vmm.boot_timeout,
+        )
+        for vm_id in plan.unhealthy:
+            log.warning("VM %s is UNHEALTHY: %s", vm_id, plan.reasons.get(vm_id, ""))
+        report.add("unhealthy", self._mark(plan.unhealthy, lambda vm: vm.with_(unhealthy=True)))
+        report.add("healthy", self._mark(plan.healthy, lambda vm: vm.with_(unhealthy=False)))
+        if plan.replace:
+            for vm_id in plan.replace:
+                log.warning("replacing VM %s: %s", vm_id, plan.reasons.get(vm_id, ""))
+            report.add("replace", self.replace(plan.replace, "replaced"))
         queued = self.store.queued(limit=100)
         free = [vm for vm, _ in vms if is_free(vm)]
         for job, _ in queued[: max(len(free), 1)]:
@@ -249,6 +250,49 @@ class Pool:
             self.dispatch.provision()
             report.add("kicked", [job.id for job, _ in queued[: max(len(free), 1)]])
         return report
+
+    def replace(self, ids: Sequence[str], why: str) -> list[str]:
+        """Delete these VMs (their jobs go back to the queue, bounded); provisioning
+        brings new capacity when demand or the warm pool needs it."""
+        now = self.clock.now()
+        marked = []
+        for vm_id in ids:
+            for _ in range(5):
+                got = self.store.get_vm(vm_id)
+                if got is None:
+                    break
+                vm, rev = got
+                revs = {f"vm:{vm_id}": rev}
+                jobs = {}
+                for job_id in {vm.job_id, vm.reserved_job} - {""}:
+                    if got_job := self.store.get_job(job_id):
+                        jobs[job_id], revs[f"job:{job_id}"] = got_job
+                change = t.vm_lost(
+                    vm,
+                    jobs.get(vm.job_id),
+                    jobs.get(vm.reserved_job),
+                    now=now,
+                    max_retries=self.settings.scheduler.max_retries,
+                )
+                lost = change.vms[vm_id]
+                change.vm(lost.with_(lifecycle=Lifecycle.DELETING, state_since=now))
+                try:
+                    self.store.save(change, revs, counters={f"{why}_vms": 1})
+                except Conflict:
+                    continue
+                marked.append(vm_id)
+                for job_id in change.requeued:
+                    self.dispatch.assign_job(job_id)
+                break
+        if marked:
+            try:
+                self.provider.delete(marked)
+            except NotFound:
+                pass
+            except MigctlError as exc:
+                self._provider_failed("delete", exc)
+            self.dispatch.provision()
+        return marked
 
     def _timeout_assignment(self, job_id: str, now: float) -> bool:
         for _ in range(5):
@@ -277,52 +321,100 @@ class Pool:
     # -- idle stop -------------------------------------------------------------------------
 
     def idle_stop(self) -> Report:
-        """Stop (or suspend/delete) free VMs idle past idle_timeout, above the warm pool."""
+        """Scale down VMs idle past idle_timeout above the warm pool: drain registered
+        runners first, then stop (or suspend/delete) by the pool's idle_action."""
         report = Report()
         vmm = self.settings.vm_manager
         now = self.clock.now()
         with self.store.try_lock("idle", timeout=120) as got:
             if not got:
                 return report
-            free = sorted(
-                (vm for vm, _ in self.store.get_vms() if is_free(vm)),
-                key=lambda vm: -vm.last_active,
+            plan = idle_plan(
+                [vm for vm, _ in self.store.get_vms()],
+                now,
+                min_ready=vmm.min_ready_vms,
+                idle_timeout=vmm.idle_timeout,
+                drain_timeout=vmm.drain_timeout,
+                queue_length=self.store.queue_length(),
             )
-            if self.store.queue_length():
-                return report
-            surplus = [
-                vm for vm in free[vmm.min_ready_vms :] if now - vm.last_active > vmm.idle_timeout
-            ]
-            # An idle registered runner would be left behind offline in GitHub; those wait
-            # for the drain path rather than being stopped under their runner.
-            ids = [vm.id for vm in surplus if not vm.runner_registered]
-            action = self.settings.pool.idle_action
-            lifecycle = {
-                "stop": Lifecycle.STOPPING,
-                "suspend": Lifecycle.SUSPENDING,
-                "delete": Lifecycle.DELETING,
-            }[action]
-            marked = self._mark(ids, lambda vm: vm.with_(lifecycle=lifecycle, state_since=now))
-            if not marked:
-                return report
-            try:
-                getattr(self.provider, action)(marked)
-            except NotFound:
-                pass
-            except MigctlError as exc:
-                self._mark(marked, lambda vm: vm.with_(lifecycle=Lifecycle.NONE))
-                self._provider_failed(action, exc)
-                return report
-            self.store.incr(f"idle_{action}_vms", len(marked))
-            report.add(action, marked)
+            report.add(
+                "undrain", self._mark(plan.undrain, lambda vm: vm.with_(lifecycle=Lifecycle.NONE))
+            )
+            report.add("drain", self._drain(plan.drain, now))
+            report.add(self.settings.pool.idle_action, self._scale_down(plan.stop, now))
         return report
 
-    def _mark(self, ids: Sequence[str], update: object) -> list[str]:
+    def _drain(self, ids: Sequence[str], now: float) -> list[str]:
+        """Send `drain`: the agent removes its idle runner and acks; the next pass stops it."""
+        done = []
+        for vm, rev in self.store.get_vms(ids):
+            if not is_free(vm):
+                continue
+            command = {
+                "id": uuid.uuid4().hex,
+                "type": "drain",
+                "string_params": {
+                    "reason": "idle",
+                    "timeout": str(int(self.settings.vm_manager.drain_timeout)),
+                },
+                "int_params": {"timeout": int(self.settings.vm_manager.drain_timeout)},
+                "created_at": int(now),
+                "expires_at": now + self.settings.vm_manager.drain_timeout,
+            }
+            new = vm.with_(
+                lifecycle=Lifecycle.DRAINING, state_since=now, cmd_id=command["id"], reserved_at=now
+            )
+            try:
+                self.store.save(
+                    t.Change(vms={vm.id: new}),
+                    {f"vm:{vm.id}": rev},
+                    commands=[(vm.id, command, 3600)],
+                )
+            except Conflict:
+                continue  # it just took a job: leave it
+            done.append(vm.id)
+        return done
+
+    def _scale_down(self, ids: Sequence[str], now: float) -> list[str]:
+        action = self.settings.pool.idle_action
+        lifecycle = {
+            "stop": Lifecycle.STOPPING,
+            "suspend": Lifecycle.SUSPENDING,
+            "delete": Lifecycle.DELETING,
+        }[action]
+
+        def still_idle(vm: Vm) -> Vm:
+            # Re-checked on the fresh record: a VM that took a job meanwhile is left alone.
+            if vm.job_id or vm.reserved_job or vm.agent is AgentState.JOB_RUNNING:
+                return vm
+            if vm.lifecycle not in (Lifecycle.NONE, Lifecycle.DRAINING):
+                return vm
+            return vm.with_(lifecycle=lifecycle, state_since=now, cmd_id="")
+
+        marked = [vm_id for vm_id in self._mark(ids, still_idle, changed_only=True)]
+        if not marked:
+            return []
+        try:
+            getattr(self.provider, action)(marked)
+        except NotFound:
+            pass
+        except MigctlError as exc:
+            self._mark(marked, lambda vm: vm.with_(lifecycle=Lifecycle.NONE))
+            self._provider_failed(action, exc)
+            return []
+        self.store.incr(f"idle_{action}_vms", len(marked))
+        return marked
+
+    def _mark(
+        self, ids: Sequence[str], update: Callable[[Vm], Vm], changed_only: bool = False
+    ) -> list[str]:
         """Apply `update` to each VM with a compare; returns those written (a VM claimed
         meanwhile is skipped, so a stop never lands on a VM that just got a job)."""
         done = []
         for vm, rev in self.store.get_vms(ids):
-            new = update(vm)  # type: ignore[operator]
+            new = update(vm)
+            if changed_only and new == vm:
+                continue
             if self._save_vm(new, rev):
                 done.append(vm.id)
         return done

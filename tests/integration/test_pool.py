@@ -1,0 +1,219 @@
+"""The pool reconcilers on a real Redis with the simulated MIG: races, drain-then-stop,
+health replacement, and the GCloud sync."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from migctl.adapters.redis_store import RedisStore
+from migctl.domain.model import AgentState, InfraStatus, Job, JobState, Lifecycle, Vm
+from migctl.domain.transitions import Change
+from migctl.services.events import AgentEvents
+from migctl.services.pool import Pool
+from migctl.settings import Settings
+from migctl.sim.mig import SimMig, SimTimings
+
+pytestmark = pytest.mark.integration
+
+POOL = "pool-t"
+LABELS = ("self-hosted", "linux")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def assign_job(self, job_id: str) -> None:
+        self.calls.append(("assign_job", job_id))
+
+    def assign_vm(self, vm_id: str) -> None:
+        self.calls.append(("assign_vm", vm_id))
+
+    def provision(self) -> None:
+        self.calls.append(("provision", ""))
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.t = now
+
+    def now(self) -> float:
+        return self.t
+
+
+def settings(**vm_manager: object) -> Settings:
+    return Settings(
+        pool={"id": POOL, "labels": list(LABELS)},
+        vm_manager={
+            "provider": "sim",
+            "min_ready_vms": 0,
+            "idle_timeout": 600,
+            "max_vms": 10,
+            "max_scale_up_per_minute": 100,
+            **vm_manager,
+        },
+        github_app={"app_id": "1", "private_key": "unused"},
+        pubsub={"source": "local"},
+    )
+
+
+@pytest.fixture
+def world(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    clock = Clock(time.time())
+    store = RedisStore(client, POOL)
+    mig = SimMig(client, POOL, SimTimings(), clock=clock.now)
+    dispatch = Recorder()
+
+    def pool(**vm_manager: object) -> Pool:
+        return Pool(store, mig, settings(**vm_manager), dispatch, clock=clock)
+
+    return store, mig, dispatch, clock, pool
+
+
+def put(store: RedisStore, *vms: Vm) -> None:
+    store.save(Change(vms={vm.id: vm for vm in vms}), {})
+
+
+def running_vm(vm_id: str, clock: Clock, **kw: object) -> Vm:
+    base: dict[str, object] = dict(
+        labels=LABELS,
+        infra=InfraStatus.RUNNING,
+        agent=AgentState.READY,
+        connected=True,
+        last_heartbeat=clock.t,
+        last_active=clock.t,
+        state_since=clock.t,
+        created_at=clock.t - 1000,
+    )
+    base.update(kw)
+    return Vm(id=vm_id, **base)  # type: ignore[arg-type]
+
+
+def test_racing_provisioners_never_exceed_max_vms(world) -> None:
+    store, mig, _, clock, pool = world
+    for i in range(30):
+        store.create_job(Job(id=str(i), labels=LABELS, received_at=clock.t + i))
+    pools = [pool(max_vms=10) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def run(p: Pool) -> None:
+        try:
+            for _ in range(5):
+                p.provision()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in pools]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(store.get_vms()) == 10
+    assert len(mig.list()) == 10
+
+
+def test_an_idle_registered_runner_is_drained_then_stopped(world) -> None:
+    store, mig, dispatch, clock, pool = world
+    mig.create(["vm-1"])
+    clock.t += 10
+    put(
+        store,
+        running_vm(
+            "vm-1", clock, agent=AgentState.IDLE, runner_registered=True, last_active=clock.t - 700
+        ),
+    )
+    p = pool()
+    report = p.idle_stop()
+    assert report.actions == {"drain": ["vm-1"]}
+    [command] = store.pending_commands("vm-1")
+    assert command["type"] == "drain"
+    assert mig.list()[0].status is InfraStatus.RUNNING  # not stopped under its runner
+    events = AgentEvents(store, settings(), dispatch, clock=clock)
+    assert events.command_acked("vm-1", command["id"], True, "drained") == "applied"
+    report = p.idle_stop()
+    assert report.actions == {"stop": ["vm-1"]}
+    assert mig.list()[0].status is InfraStatus.STOPPING
+    vm, _ = store.get_vm("vm-1")
+    assert vm.lifecycle is Lifecycle.STOPPING
+
+
+def test_a_vm_that_starts_a_job_during_its_drain_keeps_it(world) -> None:
+    store, mig, dispatch, clock, pool = world
+    mig.create(["vm-1"])
+    clock.t += 10
+    put(
+        store,
+        running_vm(
+            "vm-1", clock, agent=AgentState.IDLE, runner_registered=True, last_active=clock.t - 700
+        ),
+    )
+    p = pool()
+    p.idle_stop()
+    store.create_job(Job(id="j1", labels=LABELS, received_at=clock.t))
+    events = AgentEvents(store, settings(), dispatch, clock=clock)
+    assert events.event("vm-1", "job_started", {"job_id": "j1", "run_id": "1"}) == "applied"
+    [command] = store.pending_commands("vm-1")
+    events.command_acked(
+        "vm-1", command["id"], True, "drained after the job"
+    )  # the agent acks late
+    assert p.idle_stop().actions.get("stop") is None
+    assert mig.list()[0].status is InfraStatus.RUNNING
+    assert store.get_job("j1")[0].state is JobState.RUNNING
+
+
+def test_a_silent_vm_is_replaced_and_its_job_requeued(world) -> None:
+    store, mig, dispatch, clock, pool = world
+    mig.create(["vm-1", "vm-2"])
+    clock.t += 10
+    store.create_job(Job(id="j1", labels=LABELS, received_at=clock.t))
+    job = store.get_job("j1")
+    put(store, running_vm("vm-1", clock), running_vm("vm-2", clock))
+    events = AgentEvents(store, settings(), dispatch, clock=clock)
+    events.event("vm-2", "job_started", {"job_id": "j1", "run_id": "1"})
+    assert job is not None
+    p = pool(heartbeat_timeout=60)
+    clock.t += 61
+    report = p.sweep()
+    assert sorted(report.actions["unhealthy"]) == ["vm-1", "vm-2"]
+    clock.t += 1
+    report = p.sweep()
+    assert report.actions.get("replace") == ["vm-1"]  # no job: at once
+    clock.t += 60
+    report = p.sweep()
+    assert report.actions.get("replace") == ["vm-2"]  # its job after a grace period
+    assert store.get_job("j1")[0].state is JobState.QUEUED
+    assert ("assign_job", "j1") in dispatch.calls
+    statuses = {v.name: v.status for v in mig.list()}
+    assert statuses == {"vm-2": InfraStatus.DELETING}  # vm-1's delete finished a minute ago
+
+
+def test_sync_discovers_new_vms_and_loses_vanished_ones(world) -> None:
+    store, mig, dispatch, clock, pool = world
+    mig.create(["vm-1", "vm-2"])
+    clock.t += 100
+    p = pool()
+    report = p.sync()
+    assert sorted(report.actions["discovered"]) == ["vm-1", "vm-2"]
+    assert {vm.infra for vm, _ in store.get_vms()} == {InfraStatus.RUNNING}
+    store.create_job(Job(id="j1", labels=LABELS, received_at=clock.t))
+    vm, rev = store.get_vm("vm-1")
+    store.save(
+        Change(
+            vms={"vm-1": vm.with_(connected=True, agent=AgentState.IDLE, created_at=clock.t - 100)}
+        ),
+        {"vm:vm-1": rev},
+    )
+    AgentEvents(store, settings(), dispatch, clock=clock).event(
+        "vm-1", "job_started", {"job_id": "j1"}
+    )
+    mig.vanish("vm-1")
+    report = p.sync()
+    assert report.actions.get("lost") == ["vm-1"]
+    assert store.get_vm("vm-1") is None
+    assert store.get_job("j1")[0].state is JobState.QUEUED
