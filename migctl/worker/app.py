@@ -53,8 +53,11 @@ def build_app(settings: Settings) -> Celery:
         task_routes={name: {"queue": queue(pool, kind)} for name, kind in ROUTES.items()},
         redbeat_redis_url=broker,
         redbeat_key_prefix=f"migctl:{{{pool}}}:redbeat",
-        redbeat_lock_timeout=max(30, int(poll * 10)),
-        beat_max_loop_interval=5,
+        # One beat per pool: the standby blocks on redbeat's lock and polls it every
+        # max_loop_interval; the holder renews it every tick. A dead holder's lock expires
+        # after 4 s, so failover takes ~5 s: no longer than the shortest interval (sweep).
+        redbeat_lock_timeout=4,
+        beat_max_loop_interval=1,
         beat_schedule={
             "sweep": {"task": "migctl.sweep", "schedule": timedelta(seconds=poll * 5)},
             "reconcile": {"task": "migctl.reconcile", "schedule": timedelta(seconds=10)},
