@@ -62,6 +62,9 @@ class Keys:
     def cmds(self, vm_id: str) -> str:
         return f"{self.prefix}cmds:{vm_id}"
 
+    def timeline(self, job_id: str) -> str:
+        return f"{self.prefix}timeline:{job_id}"
+
     def ack(self, command_id: str) -> str:
         return f"{self.prefix}ack:{command_id}"
 
@@ -254,6 +257,7 @@ class RedisStore:
         commands: Sequence[tuple[str, dict[str, Any], int]] = (),
         counters: Mapping[str, int] | None = None,
         wake: Sequence[str] = (),
+        timeline: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Write a domain Change atomically. `revs` maps job/VM ids (as `job:ID` or
         `vm:ID`) to the revision they were read at (0 = new). Raises Conflict.
@@ -303,6 +307,11 @@ class RedisStore:
             ops["publish"].append([self.k.wake, vm_id])
         for name, n in (counters or {}).items():
             ops["incr"].append([self.k.counters, name, n])
+        for job_id, hops in (timeline or {}).items():
+            key = self.k.timeline(job_id)
+            keys.append(key)
+            ops["hset"] += [[key, hop, str(value)] for hop, value in hops.items()]
+            ops["expire"].append([key, FINISHED_JOB_TTL])
         keys += [
             self.k.queue,
             self.k.assigned,
@@ -330,6 +339,25 @@ class RedisStore:
             ops["zadd"].append([self.k.recent, job.finished_at or job.updated_at, job.id])
             ops["expire"].append([key, FINISHED_JOB_TTL])
             ops["trim"].append([self.k.recent, RECENT_JOBS_KEPT])
+
+    # -- per-job timeline ---------------------------------------------------------------
+
+    @_redis_errors
+    def mark(self, job_id: str, first: bool = True, **hops: Any) -> None:
+        """Record when a job reached each hop (received, decided, delivered, ...), for
+        `migctl explain` and the status page. `first`: keep the earliest time of a hop."""
+        if not job_id or not hops:
+            return
+        key = self.k.timeline(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        for hop, value in hops.items():
+            (pipe.hsetnx if first else pipe.hset)(key, hop, str(value))
+        pipe.expire(key, FINISHED_JOB_TTL)
+        pipe.execute()
+
+    @_redis_errors
+    def get_timeline(self, job_id: str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.r.hgetall(self.k.timeline(job_id)).items()}
 
     # -- command outbox -------------------------------------------------------------
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain.errors import PermanentError
-from migctl.faults import pause
 from migctl.domain.model import AgentState, Job, JobState, Vm
 from migctl.domain.scheduler import Limits, candidates
 from migctl.domain.states import is_free
 from migctl.domain.transitions import Change, requeue
+from migctl.faults import pause
 from migctl.ports import Clock, Dispatcher, RunnerScope, SystemClock, TokenIssuer
 from migctl.settings import Settings
 
@@ -77,7 +77,7 @@ class Assigner:
             ordered = [(vm, rev) for vm, rev in free if vm.id in found]
             if not ordered:
                 self.dispatch.provision()
-                return Outcome("deferred", detail="no free VM; provisioning")
+                return self._deferred(job.id, "no free VM whose labels cover the job; provisioning")
             claimed, why = self.store.claim(
                 job.id,
                 snap.job_rev,
@@ -90,9 +90,17 @@ class Assigner:
             if why == "job":
                 return Outcome("noop", detail="job changed meanwhile")
             if why == "limit":
-                return Outcome("limit", detail="max_concurrent_assignments in flight")
+                return self._deferred(
+                    job.id, "max_concurrent_assignments registrations in flight", "limit"
+                )
         self.dispatch.provision()
-        return Outcome("deferred", detail="free VMs taken by other assignments")
+        return self._deferred(job.id, "the free VMs were taken by other assignments")
+
+    def _deferred(self, job_id: str, reason: str, result: str = "deferred") -> Outcome:
+        self.store.mark(
+            job_id, first=False, decision=f"{result}: {reason}", decided_at=self.clock.now()
+        )
+        return Outcome(result, detail=reason)
 
     def assign_vm(self, vm_id: str) -> Outcome:
         """A VM may be free: give it the oldest queued job its labels cover."""
@@ -120,6 +128,14 @@ class Assigner:
         pause("assign.after_claim")
         if vm.runner_registered:
             # An idle registered runner: GitHub hands it a matching job by itself.
+            now = self.clock.now()
+            self.store.mark(
+                job.id,
+                first=False,
+                decision=f"reserved: idle runner on {vm.id}",
+                decided_at=now,
+                vm=vm.id,
+            )
             return Outcome("reserved", vm_id=vm.id)
         return self._register(job, vm, rev)
 
@@ -154,6 +170,15 @@ class Assigner:
                     Change(vms={vm.id: vm.with_(cmd_id=command["id"], reserved_at=now)}),
                     {f"vm:{vm.id}": rev},
                     commands=[(vm.id, command, COMMAND_TTL_S)],
+                    timeline={
+                        job_id: {
+                            "decision": f"assigned: {vm.id}",
+                            "decided_at": now,
+                            "vm": vm.id,
+                            "vm_ready_at": vm.last_active,
+                            "command_sent_at": now,
+                        }
+                    },
                 )
                 return Outcome("assigned", vm_id=vm.id)
             except Conflict:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain import transitions as t
 from migctl.domain.model import AgentState, Job, JobState, Vm
-from migctl.faults import pause
 from migctl.domain.states import is_free
+from migctl.faults import pause
 from migctl.ports import Clock, Dispatcher, SystemClock
 from migctl.settings import Settings
 
@@ -79,7 +79,11 @@ class AgentEvents:
                 ),
             )
         if kind == "runner_registered":
-            return self._update_vm(vm_id, lambda vm: vm.with_(runner_registered=True))
+            result = self._update_vm(vm_id, lambda vm: vm.with_(runner_registered=True))
+            got = self.store.get_vm(vm_id)
+            if got and got[0].reserved_job:
+                self.store.mark(got[0].reserved_job, registered_at=self.clock.now())
+            return result
         if kind in ("vm_started", "vm_shutting_down"):
             return "noted"
         log.warning("unknown event %r from %s ignored", kind, vm_id)

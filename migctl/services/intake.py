@@ -93,6 +93,7 @@ class RedisIntake:
             return Outcome.IGNORED
         if not self.store.create_job(self._job(event)):
             return Outcome.DUPLICATE
+        self.store.mark(event.job_id, received=event.received_at, queued=self.clock.now())
         self.dispatch.assign_job(event.job_id)
         return Outcome.CREATED
 
