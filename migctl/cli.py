@@ -49,7 +49,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     def on_signal(*_: Any) -> None:
         raise KeyboardInterrupt
 
+    # Explicitly: a shell that starts us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         stack.start()
         STATE_FILE.parent.mkdir(exist_ok=True)

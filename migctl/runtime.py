@@ -50,7 +50,8 @@ def make_provider(settings: Settings, client: redis.Redis) -> VmProvider:
         return SimMig(client, settings.pool.id, timings)
     from migctl.adapters.gce import GceMig
 
-    return GceMig(settings.gcp)
+    # The API-call token bucket lives in Redis, so N workers share one budget.
+    return GceMig(settings.gcp, redis=client)
 
 
 def make_tokens(settings: Settings, client: redis.Redis) -> TokenIssuer:

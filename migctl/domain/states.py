@@ -97,3 +97,20 @@ def is_free(vm: Vm) -> bool:
 
 ON_THE_WAY = frozenset({VmState.STARTING, VmState.BOOTING, VmState.CONNECTING})
 """States of a VM that will be ready soon without further action."""
+
+
+_WAITING_FOR_A_RUNNER = frozenset(
+    {AgentState.NONE, AgentState.INITIALIZING, AgentState.CONNECTING, AgentState.READY}
+)
+
+
+def needs_registration(vm: Vm) -> bool:
+    """The VM holds demand but has no runner and no registration on its way: it needs a
+    `register_runner`, whichever job its reservation is for now (a runner serves demand,
+    not one job)."""
+    return (
+        bool(vm.reserved_job)
+        and not vm.runner_registered
+        and not vm.cmd_id
+        and vm.agent in _WAITING_FOR_A_RUNNER
+    )

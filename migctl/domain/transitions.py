@@ -100,7 +100,14 @@ def job_started(
     """
     change = Change()
     if job.state.terminal:
+        # We hold it as ended (its webhook came first, or we gave up on it) yet GitHub
+        # handed it to this runner: the binding is moot, but the ephemeral runner is
+        # consumed all the same, so the demand it was reserved for must find another.
         change.notes.append(f"job {job.id} already {job.state}; start ignored")
+        if vm.reserved_job:
+            change.vm(vm.with_(reserved_job="", reserved_at=0.0, last_active=now))
+            if reserved is not None and reserved.id != job.id:
+                _release_reservation(change, vm, job, reserved, None, now)
         return change
     if job.state is JobState.RUNNING:
         if job.vm_id != vm.id:

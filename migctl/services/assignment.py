@@ -15,9 +15,9 @@ from typing import Any
 
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain.errors import PermanentError
-from migctl.domain.model import AgentState, Job, JobState, Vm
+from migctl.domain.model import Job, JobState, Vm
 from migctl.domain.scheduler import Limits, candidates
-from migctl.domain.states import is_free
+from migctl.domain.states import is_free, needs_registration
 from migctl.domain.transitions import Change, requeue
 from migctl.faults import pause
 from migctl.ports import Clock, Dispatcher, RunnerScope, SystemClock, TokenIssuer
@@ -145,12 +145,7 @@ class Assigner:
         if got is None:
             return Outcome("noop", detail="assigned; VM unknown")
         vm, rev = got
-        if (
-            vm.reserved_job == job.id
-            and not vm.cmd_id
-            and not vm.runner_registered
-            and vm.agent is AgentState.READY
-        ):
+        if vm.reserved_job == job.id and needs_registration(vm):
             return self._register(job, vm, rev)
         return Outcome("noop", detail="already assigned")
 
@@ -163,8 +158,11 @@ class Assigner:
             return Outcome("deferred", vm_id=vm.id, detail=f"registration failed: {exc}")
         now = self.clock.now()
         for _ in range(CLAIM_ATTEMPTS):
-            if vm.reserved_job != job_id or vm.cmd_id:
-                return Outcome("noop", vm_id=vm.id, detail="reservation moved")
+            if not needs_registration(vm):
+                return Outcome("noop", vm_id=vm.id, detail="a runner is registered or on its way")
+            # A job_started elsewhere may have moved another job's reservation onto this
+            # VM meanwhile: its runner is still needed, for whichever job it now holds.
+            job_id = vm.reserved_job
             try:
                 self.store.save(
                     Change(vms={vm.id: vm.with_(cmd_id=command["id"], reserved_at=now)}),

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # A VM the controller created may not be listed by the MIG for a moment; do not call
 # it lost before this.
 LIST_GRACE_S = 60.0
+# An ASSIGNED job is looked at again after this, to finish a registration never sent.
+STALE_ASSIGNMENT_S = 10.0
 
 
 @dataclass
@@ -227,6 +229,11 @@ class Pool:
         for job_id in self.store.assigned_before(now - sched.assignment_timeout):
             if self._timeout_assignment(job_id, now):
                 report.add("assignment_timeout", [job_id])
+        # An assignment whose registration was never sent (a worker died after the claim,
+        # or a reservation moved onto a VM meanwhile): assign_job finishes it, idempotently.
+        stale = self.store.assigned_before(now - STALE_ASSIGNMENT_S)[:100]
+        for job_id in stale:
+            self.dispatch.assign_job(job_id)
         vms = self.store.get_vms()
         plan = health_plan(
             [vm for vm, _ in vms],

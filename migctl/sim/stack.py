@@ -338,6 +338,13 @@ class LocalStack:
             )
             ready.set()
             loop.run_until_complete(self.fleet.run(self._fleet_stop))
+            # gRPC leaves status-watching tasks behind its cancelled calls: finish them
+            # before closing the loop, or they are reported as destroyed while pending.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
         self._fleet_thread = threading.Thread(target=run, name="fleet", daemon=True)
