@@ -85,8 +85,19 @@ def get_app() -> Celery:
             except ConfigError as exc:
                 print(str(exc), file=sys.stderr)
                 raise SystemExit(2) from None
+            _flower_defaults(s)
             _app = build_app(s)
         return _app
+
+
+def _flower_defaults(settings: Settings) -> None:
+    """`celery -A migctl flower` reads its options from FLOWER_* env vars; hand it the
+    settings' values (env still wins). Without credentials Flower's UI would be open to
+    anyone who can reach it, so it gets none of our defaults in that case and Flower's
+    own rule applies (its API answers 401 unless FLOWER_UNAUTHENTICATED_API is set)."""
+    if settings.flower.basic_auth:
+        os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower.basic_auth)
+    os.environ.setdefault("FLOWER_PORT", str(settings.flower.port))
 
 
 def reset_app(app: Celery | None = None) -> None:

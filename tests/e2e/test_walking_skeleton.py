@@ -119,8 +119,11 @@ def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(
         assert field in stats, field
     assert stats["queue_length"] == 0
     assert requests.get(f"{base}/health", timeout=5).status_code == 200
-    flower = requests.get(f"http://127.0.0.1:{stack.ports['flower']}/healthcheck", timeout=5)
-    assert flower.status_code == 200
+    flower = f"http://127.0.0.1:{stack.ports['flower']}"
+    assert requests.get(f"{flower}/healthcheck", timeout=5).status_code == 200
+    assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401  # behind auth
+    tasks = requests.get(f"{flower}/api/tasks", auth=("admin", "local-only"), timeout=10)
+    assert tasks.status_code == 200
 
 
 def test_a_job_submitted_later_is_served_by_the_warm_pool(stack: LocalStack) -> None:
