@@ -124,6 +124,10 @@ def test_fifty_jobs_complete_once_each_and_a_bad_message_is_dead_lettered(
     assert requests.get(f"{flower}/api/workers", timeout=10).status_code == 401  # behind auth
     tasks = requests.get(f"{flower}/api/tasks", auth=("admin", "local-only"), timeout=10)
     assert tasks.status_code == 200
+    seen = tasks.json().values()
+    assert any(t.get("name") == "migctl.assign_job" for t in seen), list(seen)[:3]
+    # Task arguments are ids only: nothing that looks like a credential.
+    assert not [t for t in seen if "token" in str(t.get("args", "")).lower()]
 
 
 def test_a_job_submitted_later_is_served_by_the_warm_pool(stack: LocalStack) -> None:
