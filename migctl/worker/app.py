@@ -51,6 +51,8 @@ def build_app(settings: Settings) -> Celery:
         task_default_queue=queue(pool, "assign"),
         task_queues=[Queue(queue(pool, kind)) for kind in KINDS],
         task_routes={name: {"queue": queue(pool, kind)} for name, kind in ROUTES.items()},
+        # `celery -A migctl beat` as written gets redbeat (a lock: one beat per pool).
+        beat_scheduler="redbeat.RedBeatScheduler",
         redbeat_redis_url=broker,
         redbeat_key_prefix=f"migctl:{{{pool}}}:redbeat",
         # One beat per pool: the standby blocks on redbeat's lock and polls it every
