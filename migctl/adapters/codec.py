@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from enum import Enum
 from typing import Any
@@ -50,30 +51,48 @@ def flat(mapping: dict[str, str]) -> list[str]:
     return out
 
 
+def _enum_parser(enum: type[Enum]) -> Callable[[str], Any]:
+    fallback = AgentState.NONE if enum is AgentState else next(iter(enum))
+
+    def parse(text: str) -> Any:
+        try:
+            return enum(text)
+        except ValueError:
+            return fallback
+
+    return parse
+
+
+def _parser(name: str, kind: str) -> Callable[[str], Any]:
+    if name in _ENUMS:
+        return _enum_parser(_ENUMS[name])
+    if kind.startswith("tuple"):
+        return lambda text: tuple(s for s in text.split(",") if s)
+    if kind == "bool":
+        return lambda text: text == "1"
+    if kind == "float":
+        return lambda text: float(text or 0)
+    if kind == "int":
+        return lambda text: int(float(text or 0))
+    return str
+
+
+# One parser per field, built once: decoding a thousand VMs is on every reconcile pass.
+_PARSERS: dict[type, list[tuple[str, Callable[[str], Any]]]] = {
+    cls: [
+        (
+            f.name,
+            _parser(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")),
+        )
+        for f in fields(cls)
+        if f.name not in _SKIP
+    ]
+    for cls in (Job, Vm)
+}
+
+
 def _decode(cls: type[Job] | type[Vm], raw: dict[str, str]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in _SKIP or f.name not in raw:
-            continue
-        text = raw[f.name]
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if f.name in _ENUMS:
-            enum = _ENUMS[f.name]
-            try:
-                kwargs[f.name] = enum(text)
-            except ValueError:
-                kwargs[f.name] = AgentState.NONE if enum is AgentState else next(iter(enum))
-        elif kind.startswith("tuple"):
-            kwargs[f.name] = tuple(s for s in text.split(",") if s)
-        elif kind == "bool":
-            kwargs[f.name] = text == "1"
-        elif kind == "float":
-            kwargs[f.name] = float(text or 0)
-        elif kind == "int":
-            kwargs[f.name] = int(float(text or 0))
-        else:
-            kwargs[f.name] = text
-    return kwargs
+    return {name: parse(raw[name]) for name, parse in _PARSERS[cls] if name in raw}
 
 
 def pairs(raw: list[Any] | dict[Any, Any]) -> dict[str, str]:

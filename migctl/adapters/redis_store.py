@@ -264,6 +264,42 @@ class RedisStore:
 
         `commands`: (vm_id, command, ttl_s) to put in the VM's outbox; each VM is woken.
         """
+        keys, args = self._commit_args(
+            change,
+            revs,
+            deleted_vms=deleted_vms,
+            commands=commands,
+            counters=counters,
+            wake=wake,
+            timeline=timeline,
+        )
+        ok, *detail = self._commit(keys=keys, args=args)
+        if int(ok) != 1:
+            raise Conflict(_s(detail[0]))
+
+    @_redis_errors
+    def save_many(self, items: Sequence[tuple[Change, Mapping[str, int]]]) -> list[bool]:
+        """Several independent Changes in one round trip (pipelined), each atomic with its
+        own compare; returns which were written. For reconcilers touching many VMs."""
+        if not items:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for change, revs in items:
+            keys, args = self._commit_args(change, revs)
+            self._commit(keys=keys, args=args, client=pipe)
+        return [int(reply[0]) == 1 for reply in pipe.execute()]
+
+    def _commit_args(
+        self,
+        change: Change,
+        revs: Mapping[str, int],
+        *,
+        deleted_vms: Sequence[str] = (),
+        commands: Sequence[tuple[str, dict[str, Any], int]] = (),
+        counters: Mapping[str, int] | None = None,
+        wake: Sequence[str] = (),
+        timeline: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> tuple[list[str], list[str]]:
         ops: dict[str, list[Any]] = {
             k: [] for k in ("check", "put", "del", "zadd", "zrem", "sadd", "srem")
         }
@@ -321,9 +357,7 @@ class RedisStore:
             self.k.inflight,
         ]
         keys.append(self.k.counters)
-        ok, *detail = self._commit(keys=list(dict.fromkeys(keys)), args=[json.dumps(_prune(ops))])
-        if int(ok) != 1:
-            raise Conflict(_s(detail[0]))
+        return list(dict.fromkeys(keys)), [json.dumps(_prune(ops))]
 
     def _job_indexes(self, job: Job, ops: dict[str, list[Any]]) -> None:
         key = self.k.job(job.id)

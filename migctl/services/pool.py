@@ -160,6 +160,8 @@ class Pool:
             listed = {pvm.name: pvm for pvm in self.provider.list()}
             now = self.clock.now()
             known = dict((vm.id, (vm, rev)) for vm, rev in self.store.get_vms())
+            items: list[tuple[t.Change, dict[str, int]]] = []
+            kinds: list[tuple[str, str]] = []
             for name, pvm in listed.items():
                 if name not in known:
                     vm = Vm(
@@ -169,13 +171,17 @@ class Pool:
                         created_at=pvm.created_at or now,
                         state_since=now,
                     )
-                    self._save_vm(vm, 0)
-                    report.add("discovered", [name])
+                    items.append((t.Change(vms={name: vm}), {}))
+                    kinds.append(("discovered", name))
                     continue
                 vm, rev = known[name]
                 new = _observe(vm, pvm.status, now)
-                if new != vm and self._save_vm(new, rev):
-                    report.add("updated", [name])
+                if new != vm:
+                    items.append((t.Change(vms={name: new}), {f"vm:{name}": rev}))
+                    kinds.append(("updated", name))
+            for (kind, name), ok in zip(kinds, self.store.save_many(items), strict=True):
+                if ok:
+                    report.add(kind, [name])
             for name, (vm, _rev) in known.items():
                 if name in listed or now - vm.created_at < LIST_GRACE_S:
                     continue
@@ -415,16 +421,17 @@ class Pool:
     def _mark(
         self, ids: Sequence[str], update: Callable[[Vm], Vm], changed_only: bool = False
     ) -> list[str]:
-        """Apply `update` to each VM with a compare; returns those written (a VM claimed
-        meanwhile is skipped, so a stop never lands on a VM that just got a job)."""
-        done = []
+        """Apply `update` to each VM with a compare, in one round trip; returns those
+        written (a VM claimed meanwhile is skipped, so a stop never lands on a VM that
+        just got a job)."""
+        items, written = [], []
         for vm, rev in self.store.get_vms(ids):
             new = update(vm)
             if changed_only and new == vm:
                 continue
-            if self._save_vm(new, rev):
-                done.append(vm.id)
-        return done
+            items.append((t.Change(vms={vm.id: new}), {f"vm:{vm.id}": rev}))
+            written.append(vm.id)
+        return [vm_id for vm_id, ok in zip(written, self.store.save_many(items), strict=True) if ok]
 
 
 def _observe(vm: Vm, status: InfraStatus, now: float) -> Vm:
