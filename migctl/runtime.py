@@ -100,6 +100,14 @@ class Runtime:
         return Pool(self.store, self.provider, self.settings, self.dispatch)
 
     @cached_property
+    def hygiene(self) -> Any:
+        from migctl.services.hygiene import Hygiene
+
+        return Hygiene(
+            self.store, self.tokens, self.settings, grace=self.settings.github_app.runner_grace
+        )
+
+    @cached_property
     def intake(self) -> Any:
         from migctl.services.intake import RedisIntake
 

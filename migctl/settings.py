@@ -221,6 +221,16 @@ class GithubAppSettings(_Section):
     use_jit: bool = Field(
         True, description="Hand JIT configs to agents that advertise the 'jit' capability."
     )
+    hygiene_interval: Duration = Field(
+        300.0,
+        description="How often runner hygiene lists the pool's runners and removes offline "
+        "orphans; 0 = off.",
+    )
+    runner_grace: Duration = Field(
+        120.0,
+        description="A VM whose acked registration shows no runner in GitHub after this is "
+        "flagged (runner never appeared).",
+    )
 
 
 class RedisEndpoint(_Section):

@@ -29,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis import Redis, RedisError
 
-from migctl.domain.errors import PermanentError, RateLimited, TemporaryError
+from migctl.domain.errors import (
+    PermanentError,
+    RateLimited,
+    RunnerBusy,
+    RunnerNameTaken,
+    TemporaryError,
+)
 from migctl.ports import Clock, RunnerCredentials, RunnerInfo, RunnerScope, SystemClock
 from migctl.settings import GithubAppSettings, env_hint
 
@@ -244,7 +250,7 @@ class GithubApp:
         if resp.status_code in (204, 404):  # 404: already gone, which is what we wanted
             return
         if resp.status_code == 422:
-            raise PermanentError(
+            raise RunnerBusy(
                 f"runner busy: GitHub refused to delete runner {runner_id} of {target.name} "
                 f"(422 {_message(resp)})"
             )
@@ -369,7 +375,7 @@ class GithubApp:
         }
         resp = self._authed(inst, "POST", path, json_body=body)
         if resp.status_code == 409:
-            raise PermanentError(
+            raise RunnerNameTaken(
                 f"GitHub POST {path}: a runner named {runner_name!r} exists in {target.name}"
             )
         data = _json(resp, f"POST {path}")

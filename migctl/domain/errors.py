@@ -36,3 +36,11 @@ class RateLimited(TemporaryError):
 
 class NotFound(MigctlError):
     """The thing is gone (a VM deleted out of band, a runner already removed)."""
+
+
+class RunnerNameTaken(PermanentError):
+    """GitHub already has a runner of that name (a JIT runner minted and never started)."""
+
+
+class RunnerBusy(PermanentError):
+    """GitHub refuses to delete a runner that is running a job."""

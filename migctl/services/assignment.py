@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from migctl.adapters.redis_store import Conflict, RedisStore
-from migctl.domain.errors import PermanentError
+from migctl.domain.errors import PermanentError, RunnerNameTaken
 from migctl.domain.model import Job, JobState, Vm
 from migctl.domain.scheduler import Limits, candidates
 from migctl.domain.states import is_free, needs_registration
@@ -195,7 +195,14 @@ class Assigner:
         )
         labels = list(vm.labels or self.settings.pool.labels)
         jit = gh.use_jit and "jit" in vm.capabilities
-        creds = self.tokens.runner_credentials(scope, vm.id, labels, jit)
+        try:
+            creds = self.tokens.runner_credentials(scope, vm.id, labels, jit)
+        except RunnerNameTaken:
+            # A JIT runner minted for this VM earlier and never started (its command
+            # expired, or its reservation moved) still holds the name: remove it if it
+            # is idle and offline, then mint again, once.
+            self._remove_stale_runner(scope, vm.id)
+            creds = self.tokens.runner_credentials(scope, vm.id, labels, jit)
         now = self.clock.now()
         params = {
             "runner_url": creds.runner_url,
@@ -216,6 +223,12 @@ class Assigner:
             "expires_at": expires,
             "job_id": job.id,
         }
+
+    def _remove_stale_runner(self, scope: RunnerScope, name: str) -> None:
+        for runner in self.tokens.list_runners(scope):
+            if runner.name == name and not runner.busy and runner.status != "online":
+                log.info("removing stale runner %s (id %d) to register it again", name, runner.id)
+                self.tokens.delete_runner(scope, runner.id)
 
     def _registration_failed(self, job_id: str, vm_id: str, reason: str) -> None:
         log.error("runner registration for job %s on %s failed: %s", job_id, vm_id, reason)

@@ -79,11 +79,14 @@ class AgentEvents:
                 ),
             )
         if kind == "runner_registered":
-            result = self._update_vm(vm_id, lambda vm: vm.with_(runner_registered=True))
+            # Informational: whether a runner is registered follows the agent's reported
+            # state (idle/job_running), which the gateway writes in order. This event
+            # travels through the queue and may arrive after the runner's job has already
+            # completed: setting the flag from it would mark a VM with no runner as ready.
             got = self.store.get_vm(vm_id)
             if got and got[0].reserved_job:
                 self.store.mark(got[0].reserved_job, registered_at=self.clock.now())
-            return result
+            return "noted"
         if kind in ("vm_started", "vm_shutting_down"):
             return "noted"
         log.warning("unknown event %r from %s ignored", kind, vm_id)

@@ -90,9 +90,11 @@ class Hygiene:
         report = HygieneReport()
         scopes = self.scopes()
         if not scopes:
-            report.detail = "no GitHub scope to list: set github_app.org (or no job seen yet)"
+            report.detail = "nothing to list: no github_app.org, and no recent job names a scope"
             return report
         runners, owner, complete = self._list(scopes, report)
+        # VMs are read after the listing: a runner registered by a VM created since is then
+        # matched to its record, never taken for an orphan.
         vms = [vm for vm, _ in self.store.get_vms()]
         now = self.clock.now()
         plan = hygiene_plan(

@@ -148,6 +148,7 @@ class StackOptions:
     log_level: str = "warning"
     extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    capabilities: tuple[str, ...] = ()  # what the simulated agents advertise, e.g. ("jit",)
 
 
 class LocalStack:
@@ -335,6 +336,7 @@ class LocalStack:
                 f"127.0.0.1:{self.ports['grpc']}",
                 self.github.url,
                 heartbeat_interval=self.o.heartbeat_interval,
+                capabilities=self.o.capabilities,
             )
             ready.set()
             loop.run_until_complete(self.fleet.run(self._fleet_stop))

@@ -68,6 +68,11 @@ def build_app(settings: Settings) -> Celery:
                 "schedule": timedelta(seconds=settings.vm_manager.poll_interval),
             },
             "canary": {"task": "migctl.canary", "schedule": timedelta(seconds=15)},
+            **(
+                {"hygiene": {"task": "migctl.hygiene", "schedule": timedelta(seconds=hygiene_s)}}
+                if (hygiene_s := settings.github_app.hygiene_interval)
+                else {}
+            ),
         },
         timezone="UTC",
     )

@@ -14,6 +14,7 @@ ROUTES = {
     "migctl.sweep": "reconcile",
     "migctl.reconcile": "reconcile",
     "migctl.canary": "reconcile",
+    "migctl.hygiene": "reconcile",
 }
 KINDS = ("assign", "vm", "events", "reconcile")
 

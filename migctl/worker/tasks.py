@@ -81,6 +81,12 @@ def reconcile(self: Task) -> dict[str, list[str]]:
     return _retrying(self, run)
 
 
+@shared_task(name="migctl.hygiene", bind=True)
+def hygiene(self: Task) -> dict[str, list[str]]:
+    """Runner hygiene: remove our offline runners that no live VM owns (never busy ones)."""
+    return _retrying(self, lambda: runtime().hygiene.run().actions)
+
+
 @shared_task(name="migctl.canary")
 def canary() -> float:
     """Proves a worker consumes: /ready checks how long ago this last ran."""
