@@ -174,7 +174,7 @@ def _summary(stack: Any, store: Any, ids: list[str], elapsed: float) -> None:
         )
 
 
-# -- submit / status / deadletters ---------------------------------------------------------------
+# -- submit ---------------------------------------------------------------------------------
 
 
 def _state() -> dict[str, Any] | None:
@@ -214,51 +214,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from migctl.adapters.redis_store import RedisStore
-    from migctl.runtime import redis_client
-    from migctl.settings import load_settings
-
-    config = args.config
-    if not config and (state := _state()):
-        config = state["config"]
-    settings = load_settings(config)
-    return RedisStore(redis_client(settings), settings.pool.id)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from migctl.http.server import stats
-
-    store = _store(args)
-    s = stats(store)
-    if args.json:
-        print(json.dumps(s, indent=1))
-        return 0
-    print(
-        f"pool {s['pool_id']}: queue {s['queue_length']}, connected VMs {s['connected_vms']}, "
-        f"assigned {s['assigned_jobs']}, failed {s['failed_jobs']}, "
-        f"started {s['started_vms']}, created {s['created_vms']}"
-    )
-    print(f"\n{'VM':<28}{'STATE':<12}{'AGENT':<20}{'JOB':<14}RESERVED")
-    for vm, _ in store.get_vms():
-        print(
-            f"{vm.id:<28}{vm.state.value:<12}{vm.agent.value or '-':<20}"
-            f"{vm.job_id or '-':<14}{vm.reserved_job or '-'}"
-        )
-    queued = store.queued(limit=20)
-    if queued:
-        print("\nqueued: " + ", ".join(job.id for job, _ in queued))
-    return 0
-
-
-def cmd_deadletters(args: argparse.Namespace) -> int:
-    store = _store(args)
-    for record in store.dead_letters(limit=args.limit):
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.get("at", 0)))
-        print(f"{when}  {record.get('message_id', '-'):<20} {record.get('reason', '')}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -294,19 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--repo", default="local-org/demo", help="owner/name")
     submit.add_argument("--duration", type=float, default=2.0, help="seconds the job runs")
     submit.set_defaults(func=cmd_submit)
-    for name, func, text in (
-        ("status", cmd_status, "the pool at a glance"),
-        ("deadletters", cmd_deadletters, "messages the bridge refused, newest first"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument(
-            "--config", help="controller YAML (default: $MIGCTL_CONFIG, or the running local world)"
-        )
-        if name == "status":
-            p.add_argument("--json", action="store_true")
-        else:
-            p.add_argument("--limit", type=int, default=50)
-        p.set_defaults(func=func)
+    from migctl.cli_ops import register as register_ops
+
+    register_ops(sub)
     from migctl.simulate.cli import register as register_simulate
 
     register_simulate(sub)
