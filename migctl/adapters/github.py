@@ -565,6 +565,15 @@ class GithubApp:
         found["resource"] = resp.headers.get("X-RateLimit-Resource", "")
         with self._lock:
             self._limits = found
+        # Shared with /metrics (controller_github_rate_limit_*): any process may scrape.
+        key = self._prefix + "rate_limit"
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, mapping={k: str(v) for k, v in found.items()})
+            pipe.expire(key, 3600)
+            pipe.execute()
+        except Exception as exc:  # a courtesy for metrics; never fail a GitHub call for it
+            log.debug("rate-limit figures not written to Redis: %s", exc)
 
     def _raise_if_limited(self, resp: requests.Response, what: str) -> None:
         if resp.status_code not in (403, 429):

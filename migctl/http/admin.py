@@ -108,7 +108,7 @@ def drain_vm(store: RedisStore, settings: Settings, vm_id: str, now: float) -> D
                 "be drained; wait for its job, or cancel it first",
             )
         pool = Pool(store, _NoProvider(), settings, _NoDispatch())
-        if pool._drain([vm_id], now):
+        if pool.drain([vm_id], now, reason="operator request"):
             after = store.get_vm(vm_id)
             command_id = after[0].cmd_id if after else ""
             log.info("VM %s draining on an operator's request", vm_id)

@@ -353,11 +353,11 @@ class Pool:
             report.add(
                 "undrain", self._mark(plan.undrain, lambda vm: vm.with_(lifecycle=Lifecycle.NONE))
             )
-            report.add("drain", self._drain(plan.drain, now))
+            report.add("drain", self.drain(plan.drain, now))
             report.add(self.settings.pool.idle_action, self._scale_down(plan.stop, now))
         return report
 
-    def _drain(self, ids: Sequence[str], now: float) -> list[str]:
+    def drain(self, ids: Sequence[str], now: float, reason: str = "idle") -> list[str]:
         """Send `drain`: the agent removes its idle runner and acks; the next pass stops it."""
         done = []
         for vm, rev in self.store.get_vms(ids):
@@ -367,7 +367,7 @@ class Pool:
                 "id": uuid.uuid4().hex,
                 "type": "drain",
                 "string_params": {
-                    "reason": "idle",
+                    "reason": reason,
                     "timeout": str(int(self.settings.vm_manager.drain_timeout)),
                 },
                 "int_params": {"timeout": int(self.settings.vm_manager.drain_timeout)},

@@ -62,7 +62,7 @@ def procfile(path: Path | None = None) -> dict[str, str]:
         out = {
             "bridge": "migctl-bridge",
             "worker": "celery -A migctl worker -E --loglevel INFO",
-            "beat": "celery -A migctl beat -S redbeat.RedBeatScheduler --loglevel INFO",
+            "beat": "celery -A migctl beat --loglevel INFO",
             "gateway": "migctl-grpc-gateway",
             "flower": "celery -A migctl flower",
         }
@@ -149,6 +149,8 @@ class StackOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     capabilities: tuple[str, ...] = ()  # what the simulated agents advertise, e.g. ("jit",)
+    agent_options: dict[str, Any] = field(default_factory=dict)  # e.g. duplicate_events=True
+    publish_copies: int = 1  # >1: every job message is published that many times (fault tests)
 
 
 class LocalStack:
@@ -337,6 +339,7 @@ class LocalStack:
                 self.github.url,
                 heartbeat_interval=self.o.heartbeat_interval,
                 capabilities=self.o.capabilities,
+                agent_options=self.o.agent_options,
             )
             ready.set()
             loop.run_until_complete(self.fleet.run(self._fleet_stop))
@@ -376,6 +379,10 @@ class LocalStack:
             self.publish(json.dumps(payload).encode(), {"X-GitHub-Event": "workflow_job"})
 
     def publish(self, data: bytes, attributes: dict[str, str]) -> None:
+        for _ in range(max(1, self.o.publish_copies)):
+            self._publish_once(data, attributes)
+
+    def _publish_once(self, data: bytes, attributes: dict[str, str]) -> None:
         if self._publisher is not None:
             topic = self._publisher.topic_path(PROJECT, TOPIC)
             self._publisher.publish(topic, data, **attributes).result(timeout=30)

@@ -51,8 +51,9 @@ def build_app(settings: Settings) -> Celery:
         task_default_queue=queue(pool, "assign"),
         task_queues=[Queue(queue(pool, kind)) for kind in KINDS],
         task_routes={name: {"queue": queue(pool, kind)} for name, kind in ROUTES.items()},
-        # `celery -A migctl beat` as written gets redbeat (a lock: one beat per pool).
-        beat_scheduler="redbeat.RedBeatScheduler",
+        # `celery -A migctl beat` as written gets redbeat (a lock: one beat per pool),
+        # in a subclass that survives Redis restarts (migctl/worker/beat.py).
+        beat_scheduler="migctl.worker.beat:MigctlScheduler",
         redbeat_redis_url=broker,
         redbeat_key_prefix=f"migctl:{{{pool}}}:redbeat",
         # One beat per pool: the standby blocks on redbeat's lock and polls it every
@@ -76,6 +77,7 @@ def build_app(settings: Settings) -> Celery:
         },
         timezone="UTC",
     )
+    import migctl.worker.signals  # (log redaction and ids in Celery logs)
     import migctl.worker.tasks  # noqa: F401  (registers the tasks on this app)
 
     return app
