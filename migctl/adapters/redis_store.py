@@ -160,6 +160,11 @@ class RedisStore:
         return [_s(i) for i in self.r.zrangebyscore(self.k.assigned, "-inf", deadline)]
 
     @_redis_errors
+    def inflight_before(self, deadline: float) -> list[str]:
+        """VMs whose command (registration or drain) was sent before `deadline`, unacked."""
+        return [_s(i) for i in self.r.zrangebyscore(self.k.inflight, "-inf", deadline)]
+
+    @_redis_errors
     def recent_jobs(self, limit: int = 50) -> list[Job]:
         ids = [_s(i) for i in self.r.zrevrange(self.k.recent, 0, limit - 1)]
         return [job for job, _ in self.get_jobs(ids)]
@@ -322,7 +327,8 @@ class RedisStore:
             else:
                 ops["zrem"].append([self.k.free, vm.id])
             if vm.cmd_id:
-                ops["zadd"].append([self.k.inflight, vm.reserved_at or time.time(), vm.id])
+                sent = vm.cmd_sent_at or vm.reserved_at or time.time()
+                ops["zadd"].append([self.k.inflight, sent, vm.id])
             else:
                 ops["zrem"].append([self.k.inflight, vm.id])
         for vm_id in deleted_vms:

@@ -151,6 +151,7 @@ class Vm:
     capabilities: tuple[str, ...] = ()
     cmd_id: str = ""  # a register_runner sent and not yet acked: the VM is not free meanwhile
     reserved_at: float = 0.0
+    cmd_sent_at: float = 0.0  # when `cmd_id` was sent: an unacked command expires from here
     session: str = (
         ""  # the gateway stream that holds the agent, so a stale one cannot disconnect it
     )

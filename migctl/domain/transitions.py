@@ -104,6 +104,8 @@ def job_started(
         # handed it to this runner: the binding is moot, but the ephemeral runner is
         # consumed all the same, so the demand it was reserved for must find another.
         change.notes.append(f"job {job.id} already {job.state}; start ignored")
+        if job.vm_id == vm.id and vm.reserved_job != job.id:
+            return change  # a late duplicate of a start this VM already settled
         if vm.reserved_job:
             change.vm(vm.with_(reserved_job="", reserved_at=0.0, last_active=now))
             if reserved is not None and reserved.id != job.id:
@@ -286,6 +288,11 @@ def agent_reported(
 ) -> Vm:
     """A heartbeat whose `miglet_state` differs from what we had, or a (re)connect."""
     changes: dict[str, object] = {"agent": state, "connected": True}
+    if state is AgentState.READY and vm.job_id:
+        # The agent waits for a registration, so its runner (and the job on it) is gone:
+        # we missed the job's end (lost with an outage); GitHub's own completion settles
+        # the job, the VM must not stay BUSY meanwhile.
+        changes["job_id"] = ""
     if vm.lifecycle is Lifecycle.STARTING:
         changes["lifecycle"] = Lifecycle.NONE
     if state in _AGENT_REGISTERED:

@@ -165,7 +165,11 @@ class Assigner:
             job_id = vm.reserved_job
             try:
                 self.store.save(
-                    Change(vms={vm.id: vm.with_(cmd_id=command["id"], reserved_at=now)}),
+                    Change(
+                        vms={
+                            vm.id: vm.with_(cmd_id=command["id"], reserved_at=now, cmd_sent_at=now)
+                        }
+                    ),
                     {f"vm:{vm.id}": rev},
                     commands=[(vm.id, command, COMMAND_TTL_S)],
                     timeline={

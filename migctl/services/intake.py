@@ -106,6 +106,11 @@ class RedisIntake:
                 runner, "job_started", {"job_id": event.job_id, "run_id": event.run_id}
             )
             return Outcome.UPDATED if result == "applied" else Outcome.DUPLICATE
+        prefix = (self.settings.gcp.mig_name or self.settings.pool.id) + "-"
+        if runner.startswith(prefix):
+            # One of our VMs, gone (lost, replaced) before this arrived: the job did run
+            # here; its `completed` settles it. Not "taken elsewhere".
+            return Outcome.IGNORED
         reason = f"taken by runner {runner}, not of this pool"
         return self._end(event, JobState.CANCELLED, reason, "")
 

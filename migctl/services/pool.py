@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # A VM the controller created may not be listed by the MIG for a moment; do not call
 # it lost before this.
 LIST_GRACE_S = 60.0
+# register_runner lives this long (a registration token's hour, less a margin).
+COMMAND_LIFE_S = 3000.0
 # An ASSIGNED job is looked at again after this, to finish a registration never sent.
 STALE_ASSIGNMENT_S = 10.0
 
@@ -235,6 +237,11 @@ class Pool:
         for job_id in self.store.assigned_before(now - sched.assignment_timeout):
             if self._timeout_assignment(job_id, now):
                 report.add("assignment_timeout", [job_id])
+        # A command no agent acked within its life (the agent restarted after it expired,
+        # so no reconnect replays it): fail it like a refused ack, or the VM is never free.
+        for vm_id in self.store.inflight_before(now - COMMAND_LIFE_S):
+            self._expire_command(vm_id, now)
+            report.add("command_expired", [vm_id])
         # An assignment whose registration was never sent (a worker died after the claim,
         # or a reservation moved onto a VM meanwhile): assign_job finishes it, idempotently.
         stale = self.store.assigned_before(now - STALE_ASSIGNMENT_S)[:100]
@@ -307,6 +314,33 @@ class Pool:
             self.dispatch.provision()
         return marked
 
+    def _expire_command(self, vm_id: str, now: float) -> None:
+        for _ in range(5):
+            got = self.store.get_vm(vm_id)
+            if got is None or not got[0].cmd_id:
+                return
+            vm, rev = got
+            revs = {f"vm:{vm_id}": rev}
+            reserved = None
+            if vm.reserved_job and (got_job := self.store.get_job(vm.reserved_job)):
+                reserved, revs[f"job:{vm.reserved_job}"] = got_job
+            change = t.command_acked(
+                vm,
+                reserved,
+                command_id=vm.cmd_id,
+                success=False,
+                message="no ack within the command's life",
+                now=now,
+                max_retries=self.settings.scheduler.max_retries,
+            )
+            try:
+                self.store.save(change, revs, counters={"commands_expired": 1})
+            except Conflict:
+                continue
+            for job_id in change.requeued:
+                self.dispatch.assign_job(job_id)
+            return
+
     def _timeout_assignment(self, job_id: str, now: float) -> bool:
         for _ in range(5):
             got = self.store.get_job(job_id)
@@ -375,7 +409,7 @@ class Pool:
                 "expires_at": now + self.settings.vm_manager.drain_timeout,
             }
             new = vm.with_(
-                lifecycle=Lifecycle.DRAINING, state_since=now, cmd_id=command["id"], reserved_at=now
+                lifecycle=Lifecycle.DRAINING, state_since=now, cmd_id=command["id"], cmd_sent_at=now
             )
             try:
                 self.store.save(

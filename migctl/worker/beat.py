@@ -10,6 +10,7 @@ keeps the schedule and this beat becomes the standby.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -22,6 +23,16 @@ RETRY_S = 1.0
 
 
 class MigctlScheduler(RedBeatScheduler):  # type: ignore[misc]
+    def setup_schedule(self) -> None:
+        # A beat that starts while Redis is down waits for it instead of exiting.
+        while True:
+            try:
+                super().setup_schedule()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                logger.warning("beat: Redis unavailable at start (%s); retrying", exc)
+                time.sleep(RETRY_S)
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             return float(super().tick(*args, **kwargs))
