@@ -823,6 +823,9 @@ class FakeGitHub:
             "runner_id": job.runner_id,
             "runner_name": job.runner_name,
             "conclusion": job.conclusion or None,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "completed_at": job.completed_at,
         }
 
     # -- webhook events --------------------------------------------------------------------

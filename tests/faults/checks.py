@@ -1,0 +1,60 @@
+"""What every fault scenario checks at the end: every job terminal exactly once, no VM
+ever held two jobs at once, each job ran on one runner once, and the counts reconcile."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+from migctl.adapters.redis_store import RedisStore
+from migctl.domain.model import JobState
+from migctl.sim.stack import POOL, LocalStack
+
+
+def wait_all_terminal(stack: LocalStack, store: RedisStore, ids: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [job for job, _ in store.get_jobs(ids)]
+        if len(jobs) == len(ids) and all(j.state.terminal for j in jobs):
+            return
+        dead = [n for n, alive in stack.alive().items() if not alive]
+        if dead:
+            pytest.fail(f"process(es) died: {dead}\n" + "\n".join(stack.log_tail(n) for n in dead))
+        if time.monotonic() > deadline:
+            states = Counter(j.state.value for j in jobs)
+            missing = len(ids) - len(jobs)
+            tail = stack.log_tail("worker")
+            pytest.fail(f"jobs not finished: {dict(states)}, {missing} never stored\n{tail}")
+        time.sleep(0.5)
+
+
+def check_exactly_once(stack: LocalStack, ids: list[str]) -> dict[str, Any]:
+    store = RedisStore(stack.redis, POOL)
+    jobs = [job for job, _ in store.get_jobs(ids)]
+    assert [j.state for j in jobs] == [JobState.COMPLETED] * len(ids), Counter(
+        j.state.value for j in jobs
+    )
+    assert stack.github is not None
+    gh = {j["job_id"]: j for j in stack.github.jobs()}
+    assert all(gh[i]["state"] == "completed" and gh[i]["runner_name"] for i in ids)
+    # No VM ever ran two jobs at once, by GitHub's clock (when each runner took and
+    # finished its job): our own timestamps are when workers processed the events, and
+    # two events of one VM may be processed in either order.
+    per_vm: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for i in ids:
+        per_vm[gh[i]["runner_name"]].append((gh[i]["started_at"], gh[i]["completed_at"]))
+    for vm_id, spans in per_vm.items():
+        for (_, end), (start, _) in pairwise(sorted(spans)):
+            assert start >= end, f"{vm_id} ran two jobs at once: {spans}"
+    # And each job is bound, in our records, to the VM GitHub ran it on.
+    assert all(j.vm_id == gh[j.id]["runner_name"] for j in jobs)
+    counters = store.counters()
+    # Each job moved to COMPLETED exactly once (the counter is written in the same atomic
+    # step as the transition), and nothing failed.
+    assert counters.get("completed_jobs", 0) == len(ids), counters
+    assert counters.get("failed_jobs", 0) == 0, counters
+    return counters
