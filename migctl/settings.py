@@ -180,6 +180,16 @@ class GcpSettings(_Section):
     api_calls_per_second: float = Field(
         10.0, gt=0, description="Shared token bucket for Compute API calls across workers."
     )
+    standby_mode: Literal["", "MANUAL", "SCALE_OUT_POOL"] = Field(
+        "",
+        description="The MIG's standby policy mode, kept as set by the GCloud sync; empty = "
+        "leave the MIG's own setting alone.",
+    )
+    standby_initial_delay: Duration | None = Field(
+        None,
+        description="The standby policy's initial delay (0-3600 s) before a new VM is "
+        "stopped or suspended; unset = leave the MIG's own setting alone.",
+    )
 
 
 class GithubAppSettings(_Section):

@@ -159,6 +159,7 @@ class Pool:
             if not got:
                 report.detail = "another sync is running"
                 return report
+            self._keep_standby_policy(report)
             listed = {pvm.name: pvm for pvm in self.provider.list()}
             now = self.clock.now()
             known = dict((vm.id, (vm, rev)) for vm, rev in self.store.get_vms())
@@ -190,6 +191,25 @@ class Pool:
                 self._lose(name, "gone from the MIG")
                 report.add("lost", [name])
         return report
+
+    def _keep_standby_policy(self, report: Report) -> None:
+        """Where configured, hold the MIG's standby policy (mode, initial delay) as set."""
+        gcp = self.settings.gcp
+        want_delay = gcp.standby_initial_delay
+        if not gcp.standby_mode and want_delay is None:
+            return
+        standby = getattr(self.provider, "standby", None)
+        if standby is None:
+            return  # the provider has no standby pool (the simulator)
+        current = standby()
+        mode = gcp.standby_mode or None
+        delay = int(want_delay) if want_delay is not None else None
+        if (mode is None or current.mode == mode) and (
+            delay is None or current.initial_delay_sec == delay
+        ):
+            return
+        self.provider.set_standby(mode=mode, initial_delay_sec=delay)  # type: ignore[attr-defined]
+        report.add("standby_policy", [f"mode={mode or current.mode} initial_delay_sec={delay}"])
 
     def _save_vm(self, vm: Vm, rev: int) -> bool:
         try:

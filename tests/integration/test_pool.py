@@ -217,3 +217,35 @@ def test_sync_discovers_new_vms_and_loses_vanished_ones(world) -> None:
     assert report.actions.get("lost") == ["vm-1"]
     assert store.get_vm("vm-1") is None
     assert store.get_job("j1")[0].state is JobState.QUEUED
+
+
+def test_sync_keeps_the_migs_standby_policy_as_configured(redis_url: str) -> None:
+
+    from migctl.adapters.gce import GceMig
+    from migctl.sim.compute_fake import FakeCompute
+
+    fake = FakeCompute("proj", "zone-a", "mig1").start()
+    try:
+        config = Settings(
+            pool={"id": POOL, "labels": list(LABELS)},
+            vm_manager={"provider": "gce"},
+            gcp={
+                "project_id": "proj",
+                "zone": "zone-a",
+                "mig_name": "mig1",
+                "api_endpoint": fake.url,
+                "anonymous": True,
+                "standby_mode": "SCALE_OUT_POOL",
+                "standby_initial_delay": "60s",
+            },
+            github_app={"app_id": "1", "private_key": "unused"},
+            pubsub={"source": "local"},
+        )
+        store = RedisStore(redis.Redis.from_url(redis_url), POOL)
+        pool = Pool(store, GceMig(config.gcp), config, Recorder())
+        report = pool.sync()
+        assert report.actions["standby_policy"] == ["mode=SCALE_OUT_POOL initial_delay_sec=60"]
+        assert fake.standby_policy == {"mode": "SCALE_OUT_POOL", "initialDelaySec": 60}
+        assert "standby_policy" not in pool.sync().actions  # held: no second patch
+    finally:
+        fake.stop()
