@@ -123,15 +123,15 @@ class RedisStore:
     # -- jobs ---------------------------------------------------------------------
 
     @_redis_errors
-    def create_job(self, job: Job) -> bool:
-        """Store a new job; False when one with this id exists (intake dedupe)."""
+    def create_job(self, job: Job, queued_at: float | None = None) -> bool:
+        """Store a new job, with its timeline's first hops, in one round trip; False when
+        one with this id exists (intake dedupe)."""
         score = repr(queue_score(job)) if job.state is JobState.QUEUED else ""
-        return bool(
-            self._create(
-                keys=[self.k.job(job.id), self.k.queue, self.k.counters],
-                args=[score, *flat(encode(job))],
-            )
-        )
+        queued = repr(queued_at if queued_at is not None else time.time())
+        keys = [self.k.job(job.id), self.k.queue, self.k.counters, self.k.timeline(job.id)]
+        args: list[str | int] = [score, FINISHED_JOB_TTL, repr(job.received_at), queued]
+        args += flat(encode(job))
+        return bool(self._create(keys=keys, args=args))
 
     @_redis_errors
     def get_job(self, job_id: str) -> tuple[Job, int] | None:

@@ -91,9 +91,8 @@ class RedisIntake:
             )
             self.store.incr("ignored_jobs")
             return Outcome.IGNORED
-        if not self.store.create_job(self._job(event)):
+        if not self.store.create_job(self._job(event), queued_at=self.clock.now()):
             return Outcome.DUPLICATE
-        self.store.mark(event.job_id, received=event.received_at, queued=self.clock.now())
         self.dispatch.assign_job(event.job_id)
         return Outcome.CREATED
 

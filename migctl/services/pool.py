@@ -490,6 +490,9 @@ class Pool:
 
 def _observe(vm: Vm, status: InfraStatus, now: float) -> Vm:
     """Fold the provider's status into the record; a finished lifecycle step is cleared."""
+    settled_down = status in (InfraStatus.STOPPED, InfraStatus.SUSPENDED) and not vm.connected
+    if status == vm.infra and vm.lifecycle is Lifecycle.NONE and not settled_down:
+        return vm  # the steady state of almost every VM on every pass: no copy
     new = vm.with_(infra=status)
     if status != vm.infra:
         new = new.with_(state_since=now)

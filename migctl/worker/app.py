@@ -47,7 +47,9 @@ def build_app(settings: Settings) -> Celery:
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Workers' events (received, started, succeeded) are what Flower shows; a "sent"
+        # event per task would cost every sender one more PUBLISH for little.
+        task_send_sent_event=False,
         task_default_queue=queue(pool, "assign"),
         task_queues=[Queue(queue(pool, kind)) for kind in KINDS],
         task_routes={name: {"queue": queue(pool, kind)} for name, kind in ROUTES.items()},
