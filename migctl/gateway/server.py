@@ -2,370 +2,401 @@
 messages relayed to workers.
 
 Delivery is outbox-first: a worker writes the command to the VM's outbox in Redis and
-publishes a wake-up; the gateway holding the VM's stream reads the outbox and sends what
-this stream has not sent yet. On (re)connect the whole outbox is replayed, so a lost
-wake-up (Redis pub/sub is at-most-once) or a VM moving to another replica loses nothing.
+publishes a wake-up; whichever replica holds the VM's stream reads the outbox and sends
+what this stream has not sent yet. On (re)connect the whole outbox is replayed in order,
+so a lost wake-up (Redis pub/sub is at-most-once) or a VM moving to another replica
+loses nothing. A session's id (replica id + random) is written to the VM record, so a
+replica that lost the VM cannot mark it disconnected.
+
+Any relay failure on a stream (Redis or the broker down while an event or ack is in
+hand) ends that stream with UNAVAILABLE: the agent reconnects and resends, rather than
+the gateway dropping what it was told.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
+import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 
-from migctl import __version__
-from migctl.adapters.redis_store import RedisStore
-from migctl.domain.model import AgentState, Lifecycle
-from migctl.services.events import AgentEvents
+from migctl.domain.model import AgentState, Lifecycle, Vm
+from migctl.gateway import background
+from migctl.gateway.auth import Authenticator
+from migctl.gateway.messages import (
+    ERRORS_LOGGED,
+    capabilities,
+    command_message,
+    connect_ack,
+    error,
+    event_ok,
+)
+from migctl.gateway.outbox import Outbox
+from migctl.gateway.relay import Relay
+from migctl.gateway.sessions import Session, Sessions
+from migctl.gateway.stats import GatewayStats
+from migctl.gateway.transport import Malformed
 from migctl.settings import Settings
 from migctl.wire.miglet import commands_pb2 as pb
 from migctl.wire.miglet import commands_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_FLUSH_S = 1.0
-
-# Deployed agents ping every 10 s, with and without calls (PROTOCOL.md). gRPC's default
-# server policy (one ping per 5 min without data, 2 strikes) would GOAWAY them with
-# too_many_pings; 5 s leaves room for timer jitter. The server pings too, to find dead VMs.
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    # A burst of thousands of reconnecting agents must queue, not be refused (FACTS F.1).
-    ("grpc.server.max_pending_requests", 100_000),
-    ("grpc.server.max_pending_requests_hard_limit", 100_000),
-]
-
-
-def server_options(settings: Settings) -> list[tuple[str, Any]]:
-    size = settings.server.max_message_bytes
-    return [
-        *KEEPALIVE_OPTIONS,
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
-    ]
-
-
-@dataclass
-class Session:
-    vm_id: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    outbound: asyncio.Queue[pb.ControllerMessage | None] = field(default_factory=asyncio.Queue)
-    sent: set[str] = field(default_factory=set)
-    state: str = ""
-    delivering: bool = False
-    again: bool = False
-
-    def close(self) -> None:
-        self.outbound.put_nowait(None)
-
-
-class Relay:
-    """What the gateway does with Redis and the workers, off the event loop."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        store: RedisStore,
-        events: AgentEvents,
-        send_task: Callable[..., None],
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.events = events
-        self.send_task = send_task
-        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="relay")
-
-    async def run(self, func: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+REDIS_CONNECTIONS = 16
+# A stream that says nothing for this long after opening is not an agent.
+CONNECT_TIMEOUT_S = 30.0
+AgentMessages = AsyncIterator[pb.MIGletMessage | Malformed]
 
 
 class Gateway(pb_grpc.CommandServiceServicer):
-    def __init__(self, settings: Settings, relay: Relay, redis_url: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        relay: Relay,
+        redis_url: str,
+        *,
+        auth: Authenticator | None = None,
+        gateway_id: str = "",
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.settings = settings
         self.relay = relay
         self.store = relay.store
         self.redis_url = redis_url
-        self.sessions: dict[str, Session] = {}
-        self.beats: dict[str, float] = {}
+        self.auth = auth or Authenticator(settings, relay.store)
+        # Connections for the hot paths (outbox reads, heartbeat writes), bounded so a
+        # reconnect storm queues for them instead of opening thousands.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=None,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self.outbox = Outbox(self.redis, relay.store.k)
+        self.id = gateway_id or uuid.uuid4().hex[:8]
+        self.connect_timeout = connect_timeout
+        self.sessions = Sessions()
+        self.stats = GatewayStats()
+        self.beats: dict[str, float] = {}  # vm_id -> last heartbeat, until the next flush
+        self.accepting = True
+        self._holding = 0  # admitted streams whose handler has not finished
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._tasks: list[asyncio.Task[Any]] = []
-        self.refused = 0
         self._inflight: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start_background(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._wakeups()),
-            asyncio.create_task(self._flush_heartbeats()),
+            asyncio.create_task(background.wakeups(self)),
+            asyncio.create_task(background.flush_loop(self)),
+            asyncio.create_task(background.sweep_loop(self)),
         ]
+
+    async def shutdown(self, grace: float) -> None:
+        """End every stream (agents reconnect, to another replica), wait for their
+        disconnects to be recorded within `grace`, then flush and withdraw."""
+        self.accepting = False
+        n = self.sessions.close_all(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect")
+        log.info("gateway %s: ending %d streams", self.id, n)
+        try:
+            await asyncio.wait_for(self._drained.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "gateway %s: %d streams still ending after %.0fs", self.id, self._holding, grace
+            )
+        await self.stop_background()
 
     async def stop_background(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for session in list(self.sessions.values()):
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for session in self.sessions:
             session.close()
+        await background.final_flush(self)
+        await self.redis.aclose()
+
+    def spawn(self, coro: Any) -> None:
+        # The loop keeps only weak references to tasks: hold them until they finish.
+        task = asyncio.create_task(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     # -- the stream ----------------------------------------------------------------------
 
     async def StreamCommands(
-        self, request_iterator: AsyncIterator[pb.MIGletMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AgentMessages, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ControllerMessage]:
-        first = await _next(request_iterator)
-        if first is None or first.WhichOneof("message") != "connect":
-            self.refused += 1
-            yield _error("protocol", "the first message must be connect")
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect")
+        first = await _first(request_iterator, self.connect_timeout)
+        self.stats.frames += first is not None
+        if not isinstance(first, pb.MIGletMessage) or first.WhichOneof("message") != "connect":
+            self.stats.refuse("protocol")
+            if isinstance(first, Malformed):
+                self.stats.malformed += 1
+            yield error("protocol", "the first message must be connect")
+            context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+            context.set_details("the first message must be connect")
             return
         hello = first.connect
-        verdict = await self._admit(hello, context)
-        if verdict:
-            self.refused += 1
-            log.warning("refused agent vm=%r pool=%r: %s", hello.vm_id, hello.pool_id, verdict)
-            yield pb.ControllerMessage(
-                connect_ack=pb.ConnectAck(
-                    accepted=False, message=verdict, server_version=__version__
-                )
-            )
-            return
-        session = Session(hello.vm_id)
-        old = self.sessions.get(hello.vm_id)
-        self.sessions[hello.vm_id] = session
-        if old is not None:
-            old.close()  # a reconnecting VM replaces its old stream
-        reader = None
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         try:
-            await self.relay.run(self._connected, session, tuple(hello.capabilities))
-            yield pb.ControllerMessage(
-                connect_ack=pb.ConnectAck(
-                    accepted=True, message="welcome", server_version=__version__
-                )
+            verdict = await self.relay.run(self.auth.admit, hello, metadata)
+        except Exception as exc:
+            self.stats.refuse("unavailable")
+            log.warning("cannot admit %r now: %s", hello.vm_id[:128], exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "controller store unavailable; retry")
+        if not verdict.ok:
+            self.stats.refuse(verdict.reason)
+            log.warning(
+                "refused agent vm=%r pool=%r: %s",
+                hello.vm_id[:128],
+                hello.pool_id[:128],
+                verdict.message,
             )
+            if verdict.status is not None:
+                await context.abort(verdict.status, verdict.message)
+            yield connect_ack(False, verdict.message)
+            return
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect")
+        session = Session(hello.vm_id, capabilities(hello), id=f"{self.id}-{uuid.uuid4().hex[:16]}")
+        if self.sessions.add(session) is not None:
+            self.stats.replaced += 1
+        self._holding += 1
+        self._drained.clear()
+        reader: asyncio.Task[None] | None = None
+        try:
+            try:
+                await self.relay.run(self._connected, session)
+                # Another replica still holding this VM (a stream the agent abandoned)
+                # lets go of it.
+                await self.outbox.announce(session.vm_id, session.id, session.started)
+            except Exception as exc:
+                log.warning("cannot record the connect of %s: %s", session.vm_id, exc)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "controller store unavailable; retry"
+                )
+            self.stats.accepted += 1
+            yield connect_ack(True, "welcome")
             reader = asyncio.create_task(self._read(session, request_iterator))
-            await self._deliver(session)
+            self.spawn(self.deliver(session))
             while True:
-                msg = await session.outbound.get()
-                if msg is None:
+                item = await session.outbound.get()
+                if item is None:
                     break
+                msg, expires_at = item
+                if expires_at and expires_at <= time.time():
+                    self.stats.commands_expired += 1
+                    continue
                 yield msg
+                if msg.WhichOneof("message") == "command":
+                    self.stats.commands_sent += 1
+            if session.end_code is not None:
+                context.set_code(session.end_code)
+                context.set_details(session.end_details)
         finally:
             if reader is not None:
                 reader.cancel()
-            if self.sessions.get(session.vm_id) is session:
-                del self.sessions[session.vm_id]
-            self.beats.pop(session.vm_id, None)
+            self.sessions.remove(session)  # before any await: nothing may reach it now
+            session.closed = True
+            self.stats.disconnects += 1
             try:
                 await self.relay.run(self.relay.events.disconnected, session.vm_id, session.id)
-            except Exception:  # Redis down: the heartbeat sweep will notice the silence
-                log.exception("could not record the disconnect of %s", session.vm_id)
+            except Exception as exc:  # the heartbeat sweep will notice the silence
+                log.warning("could not record the disconnect of %s: %s", session.vm_id, exc)
+            finally:
+                self._holding -= 1
+                if self._holding == 0:
+                    self._drained.set()
 
-    async def _admit(self, hello: pb.ConnectRequest, context: grpc.aio.ServicerContext) -> str:
-        server = self.settings.server
-        if server.auth_mode == "token":
-            metadata = dict(context.invocation_metadata() or ())
-            given = str(metadata.get("authorization", "")).removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), server.agent_token.encode()):
-                return "unauthenticated: a valid bearer token is required"
-        if not hello.vm_id:
-            return "connect without vm_id"
-        if hello.pool_id and hello.pool_id != self.settings.pool.id:
-            return f"pool {hello.pool_id!r} is not served here ({self.settings.pool.id!r})"
-        known = await self.relay.run(self.store.get_vm, hello.vm_id)
-        if known is None:
-            return f"unknown VM {hello.vm_id!r}: not a member of pool {self.settings.pool.id!r}"
-        return ""
-
-    def _connected(self, session: Session, capabilities: tuple[str, ...]) -> None:
-        events = self.relay.events
-
-        def update(vm: Any) -> Any:
+    def _connected(self, session: Session) -> None:
+        def update(vm: Vm) -> Vm:
+            if not self.sessions.current(session):
+                return vm  # already replaced by a newer stream of this VM
             agent = vm.agent if vm.agent is not AgentState.NONE else AgentState.CONNECTING
             lifecycle = Lifecycle.NONE if vm.lifecycle is Lifecycle.STARTING else vm.lifecycle
             return vm.with_(
                 connected=True,
                 session=session.id,
-                capabilities=capabilities,
+                capabilities=session.capabilities,
                 agent=agent,
                 lifecycle=lifecycle,
                 last_heartbeat=time.time(),
                 unhealthy=False,
             )
 
-        events._update_vm(session.vm_id, update)
+        self.relay.events._update_vm(session.vm_id, update)
 
-    async def _read(
-        self, session: Session, request_iterator: AsyncIterator[pb.MIGletMessage]
-    ) -> None:
+    def taken_elsewhere(self, notice: str) -> None:
+        """A replica took a VM: end this replica's older session of it, if any."""
+        try:
+            taken = json.loads(notice)
+            holder = self.sessions.get(str(taken["vm"]))
+            newer = holder is not None and holder.started < float(taken["at"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if holder is not None and newer and holder.id != taken["session"]:
+            holder.close(grpc.StatusCode.ABORTED, "this VM connected through another gateway")
+
+    # -- agent -> workers ----------------------------------------------------------------
+
+    async def _read(self, session: Session, request_iterator: AgentMessages) -> None:
         try:
             async for msg in request_iterator:
-                kind = msg.WhichOneof("message")
-                if kind == "heartbeat":
-                    await self._heartbeat(session, msg.heartbeat)
-                elif kind == "event":
-                    ev = msg.event
-                    await self.relay.run(
-                        self.relay.send_task,
-                        "migctl.agent_event",
-                        session.vm_id,
-                        ev.type,
-                        dict(ev.data),
-                    )
-                elif kind == "command_ack":
-                    await self._ack(session, msg.command_ack)
-                elif kind == "error":
-                    log.warning(
-                        "agent %s reports %s: %s", session.vm_id, msg.error.code, msg.error.message
-                    )
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            pass
-        except Exception:
-            log.exception("stream of %s failed", session.vm_id)
+                self.stats.frames += 1
+                if session.closed:
+                    return
+                if isinstance(msg, Malformed):
+                    self.stats.malformed += 1
+                    session.send(error("malformed", "a frame that is not a MIGletMessage"))
+                    session.close(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {msg.error}")
+                    return
+                try:
+                    await self._handle(session, msg)
+                except Exception as exc:
+                    log.warning("relay for %s failed (%s); ending its stream", session.vm_id, exc)
+                    session.close(grpc.StatusCode.UNAVAILABLE, "controller unavailable; reconnect")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke under the iterator
+            log.debug("stream of %s ended: %s", session.vm_id, exc)
         finally:
             session.close()
 
+    async def _handle(self, session: Session, msg: pb.MIGletMessage) -> None:
+        kind = msg.WhichOneof("message")
+        if kind == "heartbeat":
+            await self._heartbeat(session, msg.heartbeat)
+        elif kind == "event":
+            await self._event(session, msg.event)
+        elif kind == "command_ack":
+            await self._ack(session, msg.command_ack)
+        elif kind == "error":
+            session.errors_logged += 1
+            if session.errors_logged <= ERRORS_LOGGED:
+                log.warning(
+                    "agent %s reports %s: %s",
+                    session.vm_id,
+                    msg.error.code[:64],
+                    msg.error.message[:200],
+                )
+        else:  # a second connect, or a oneof member newer than this gateway
+            self.stats.ignored += 1
+
     async def _heartbeat(self, session: Session, beat: pb.Heartbeat) -> None:
         self.beats[session.vm_id] = time.time()
+        self.stats.heartbeats += 1
         state = beat.miglet_state
-        if state and state != session.state:
-            session.state = state
-            await self.relay.run(
-                self.relay.events.agent_state, session.vm_id, AgentState.parse(state)
+        if not state or state == session.state or not self.sessions.current(session):
+            return
+        parsed = AgentState.parse(state)
+        if parsed is AgentState.NONE:
+            self.stats.ignored += 1  # a state this controller does not know: keep the last
+        else:
+            await self.relay.run(self.relay.events.agent_state, session.vm_id, parsed)
+        session.state = state
+
+    async def _event(self, session: Session, ev: pb.EventNotification) -> None:
+        data = dict(ev.data)
+        if not event_ok(ev.type, data):
+            self.stats.events_dropped += 1
+            log.warning(
+                "dropped event %r (%d keys) from %s", ev.type[:64], len(data), session.vm_id
             )
+            return
+        args = (session.vm_id, ev.type, data, ev.timestamp)
+        if not await self.outbox.first_sight(*args):
+            self.stats.events_duplicate += 1
+            return
+        try:
+            await self.relay.run(
+                self.relay.send_task,
+                "migctl.agent_event",
+                session.vm_id,
+                ev.type,
+                data,
+                float(ev.timestamp),  # when the agent saw it: orders it against our writes
+            )
+        except Exception:
+            with contextlib.suppress(Exception):  # else the resent event is a "duplicate"
+                await self.outbox.forget_sight(*args)
+            raise
+        self.stats.events += 1
 
     async def _ack(self, session: Session, ack: pb.CommandAck) -> None:
+        if not ack.command_id or len(ack.command_id) > 128:
+            self.stats.ignored += 1
+            return
+        delivered = ack.command_id in session.sent
+        if not await self.outbox.ack_pending(session.vm_id, ack.command_id, delivered):
+            self.stats.acks_duplicate += 1
+            return
+        # The workers first, then the record: if the broker fails, nothing is recorded,
+        # the stream ends, and the command is replayed and acked again.
+        await self.relay.run(
+            self.relay.send_task,
+            "migctl.command_acked",
+            session.vm_id,
+            ack.command_id,
+            ack.success,
+            ack.message[:1000],
+        )
         outcome = {
             "success": ack.success,
-            "message": ack.message,
+            "message": ack.message[:1000],
             "result": dict(ack.result),
             "at": time.time(),
         }
-        first = await self.relay.run(self.store.ack_command, session.vm_id, ack.command_id, outcome)
-        if first:
-            await self.relay.run(
-                self.relay.send_task,
-                "migctl.command_acked",
-                session.vm_id,
-                ack.command_id,
-                ack.success,
-                ack.message,
-            )
+        await self.outbox.record_ack(session.vm_id, ack.command_id, outcome, delivered)
+        self.stats.acks += 1
 
-    async def _deliver(self, session: Session) -> None:
-        """Send this stream whatever the outbox holds that it has not sent yet."""
+    # -- workers -> agent ----------------------------------------------------------------
+
+    async def deliver(self, session: Session) -> None:
+        """Send this stream, in outbox order, whatever it holds that was not sent yet."""
         if session.delivering:
             session.again = True
             return
         session.delivering = True
         try:
-            while True:
+            while not session.closed:
                 session.again = False
-                pending = await self.relay.run(self.store.pending_commands, session.vm_id)
+                pending = await self.outbox.pending(session.vm_id)
                 for command in pending:
-                    if command["id"] not in session.sent:
-                        session.sent.add(command["id"])
-                        session.outbound.put_nowait(pb.ControllerMessage(command=_command(command)))
+                    if command.get("id") in session.sent:
+                        continue
+                    try:
+                        msg = command_message(command)
+                    except Exception as exc:
+                        log.error("unsendable command in %s's outbox: %s", session.vm_id, exc)
+                        continue
+                    session.sent.add(command["id"])
+                    session.send(msg, float(command.get("expires_at") or 0.0))
                 if not session.again:
                     return
+        except Exception as exc:  # Redis down: the outbox sweep tries again
+            log.warning("could not read the outbox of %s: %s", session.vm_id, exc)
         finally:
             session.delivering = False
 
-    # -- background ----------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        # The loop keeps only weak references to tasks: hold them until they finish.
-        task = asyncio.create_task(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _wakeups(self) -> None:
-        """One pub/sub connection per gateway, whatever the number of VMs."""
-        backoff = 0.5
-        while True:
-            client = aioredis.Redis.from_url(self.redis_url)
-            try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(self.store.k.wake)
-                backoff = 0.5
-                # A wake-up missed while disconnected: sweep every session's outbox.
-                for session in list(self.sessions.values()):
-                    self._spawn(self._deliver(session))
-                async for message in pubsub.listen():
-                    vm_id = (
-                        message["data"].decode()
-                        if isinstance(message["data"], bytes)
-                        else str(message["data"])
-                    )
-                    holder = self.sessions.get(vm_id)
-                    if holder is not None:
-                        self._spawn(self._deliver(holder))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("wake-up subscription lost (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            finally:
-                await client.aclose()
-
-    async def _flush_heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_FLUSH_S)
-            beats, self.beats = self.beats, {}
-            if beats:
-                try:
-                    await self.relay.run(self.store.touch_heartbeats, beats)
-                except Exception as exc:
-                    log.warning("heartbeat flush failed: %s", exc)
-            try:
-                await self.relay.run(self._report_connected)
-            except Exception:
-                pass
-
-    def _report_connected(self) -> None:
-        self.store.r.hset(self.store.k.prefix + "gateways", gateway_id(), len(self.sessions))
-        self.store.r.hset(self.store.k.prefix + "gateways:seen", gateway_id(), repr(time.time()))
-
-
-_GATEWAY_ID = f"{uuid.uuid4().hex[:8]}"
-
-
-def gateway_id() -> str:
-    return _GATEWAY_ID
-
-
-async def _next(iterator: AsyncIterator[pb.MIGletMessage]) -> pb.MIGletMessage | None:
+async def _first(iterator: AgentMessages, timeout: float) -> pb.MIGletMessage | Malformed | None:
     try:
-        return await iterator.__anext__()
-    except StopAsyncIteration:
+        return await asyncio.wait_for(iterator.__anext__(), timeout)
+    except (StopAsyncIteration, TimeoutError):
         return None
-
-
-def _error(code: str, message: str) -> pb.ControllerMessage:
-    return pb.ControllerMessage(
-        error=pb.ErrorNotification(code=code, message=message, timestamp=int(time.time()))
-    )
-
-
-def _command(command: dict[str, Any]) -> pb.Command:
-    return pb.Command(
-        id=command["id"],
-        type=command["type"],
-        string_params=command.get("string_params", {}),
-        int_params=command.get("int_params", {}),
-        bool_params=command.get("bool_params", {}),
-        string_array_params=command.get("string_array_params", []),
-        created_at=int(command.get("created_at", 0)),
-    )

@@ -39,8 +39,9 @@ class AgentEvents:
 
     # -- entry points ---------------------------------------------------------------------
 
-    def event(self, vm_id: str, kind: str, data: Mapping[str, str]) -> str:
-        """One `EventNotification` from an agent. Returns what happened, for logs/tests."""
+    def event(self, vm_id: str, kind: str, data: Mapping[str, str], at: float = 0.0) -> str:
+        """One `EventNotification` from an agent, `at` its timestamp (0 = unknown).
+        Returns what happened, for logs/tests."""
         job_id, run_id = t.event_job(data)
         if kind == "job_started" and job_id:
             return self._apply(
@@ -67,17 +68,22 @@ class AgentEvents:
             )
         if kind == "runner_crashed":
             reason = data.get("reason", "unknown")
-            return self._apply_vm(
-                vm_id,
-                lambda vm, running, reserved: t.runner_crashed(
+
+            def crashed(vm: Vm, running: Job | None, reserved: Job | None) -> t.Change:
+                # The event names no runner: one older than the VM's latest registration
+                # (a redelivered task, an outage) is about a runner already replaced.
+                if at and vm.cmd_sent_at > at:
+                    return t.Change(notes=[f"runner_crashed from {vm.id} predates its runner"])
+                return t.runner_crashed(
                     vm,
                     running,
                     reserved,
                     now=self.clock.now(),
                     max_retries=self.max_retries,
                     reason=reason,
-                ),
-            )
+                )
+
+            return self._apply_vm(vm_id, crashed)
         if kind == "runner_registered":
             # Informational: whether a runner is registered follows the agent's reported
             # state (idle/job_running), which the gateway writes in order. This event

@@ -115,6 +115,14 @@ class RedisIntake:
 
     def _completed(self, event: JobEvent) -> Outcome:
         cancelled = event.conclusion in ("cancelled", "skipped")
+        runner = event.runner_name
+        if not cancelled and runner and self.store.get_vm(runner) is not None:
+            # It ran on one of our VMs: end it there, which also binds it to that VM if
+            # the agent's own events were lost (an outage) and moves reservations right.
+            success = "true" if event.conclusion == "success" else "false"
+            data = {"job_id": event.job_id, "run_id": event.run_id, "success": success}
+            if self.events.event(runner, "job_completed", data) == "applied":
+                return Outcome.UPDATED
         state = JobState.CANCELLED if cancelled else JobState.COMPLETED
         return self._end(
             event, state, f"GitHub reports it {event.conclusion or 'completed'}", event.conclusion

@@ -43,8 +43,8 @@ def provision(self: Task) -> dict[str, list[str]]:
 
 
 @shared_task(name="migctl.agent_event", bind=True)
-def agent_event(self: Task, vm_id: str, kind: str, data: dict[str, str]) -> str:
-    return _retrying(self, lambda: runtime().events.event(vm_id, kind, data))
+def agent_event(self: Task, vm_id: str, kind: str, data: dict[str, str], at: float = 0.0) -> str:
+    return _retrying(self, lambda: runtime().events.event(vm_id, kind, data, at))
 
 
 @shared_task(name="migctl.command_acked", bind=True)
@@ -56,7 +56,10 @@ def command_acked(self: Task, vm_id: str, command_id: str, success: bool, messag
 
 @shared_task(name="migctl.agent_state", bind=True)
 def agent_state(self: Task, vm_id: str, state: str) -> str:
-    return _retrying(self, lambda: runtime().events.agent_state(vm_id, AgentState.parse(state)))
+    parsed = AgentState.parse(state)
+    if parsed is AgentState.NONE:
+        return "ignored: unknown agent state"  # never overwrite what we know with nothing
+    return _retrying(self, lambda: runtime().events.agent_state(vm_id, parsed))
 
 
 @shared_task(name="migctl.sync", bind=True)

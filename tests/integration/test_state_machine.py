@@ -624,7 +624,8 @@ class World:
         if agent.runner == "busy":
             self.github_loses(agent.job)
         agent.runner, agent.job = "", ""
-        self.pending.append(Item("agent_event", (vm_id, "runner_crashed", {"reason": "oom"})))
+        at = self.clock.now()  # the agent's own timestamp travels with the event
+        self.pending.append(Item("agent_event", (vm_id, "runner_crashed", {"reason": "oom"}, at)))
         self.events.agent_state(vm_id, AgentState.READY)
 
     def cancel(self, job_id: str) -> None:
@@ -1277,12 +1278,6 @@ def test_scenario_job_ran_on_a_vm_lost_before_its_events_were_applied(r: redis.R
     assert w.store.counters().get("cancelled_jobs", 0) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN BUG: runner_crashed carries no runner/command identity, so a crash event "
-    "redelivered after the VM's next runner started requeues that runner's job "
-    "(needs the agent event's timestamp relayed by the gateway)",
-)
 def test_scenario_late_runner_crashed_hits_the_next_runner(r: redis.Redis) -> None:
     """BUG (domain/transitions.py `runner_crashed`, services/events.py): the event names
     no runner, job or registration, so it applies to whatever the VM holds when it is
