@@ -116,7 +116,8 @@ class RedisIntake:
     def _completed(self, event: JobEvent) -> Outcome:
         cancelled = event.conclusion in ("cancelled", "skipped")
         runner = event.runner_name
-        if not cancelled and runner and self.store.get_vm(runner) is not None:
+        known = self.store.get_job(event.job_id) is not None
+        if not cancelled and runner and known and self.store.get_vm(runner) is not None:
             # It ran on one of our VMs: end it there, which also binds it to that VM if
             # the agent's own events were lost (an outage) and moves reservations right.
             success = "true" if event.conclusion == "success" else "false"
