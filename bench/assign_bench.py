@@ -25,22 +25,9 @@ from migctl.services.events import AgentEvents
 from migctl.services.intake import RedisIntake
 from migctl.settings import Settings
 from migctl.sim.stack import RedisServer
+from migctl.worker.dispatch import RecordingDispatcher
 
 POOL = "bench"
-
-
-class NullDispatch:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def assign_job(self, job_id: str) -> None:
-        self.calls.append(("assign_job", job_id))
-
-    def assign_vm(self, vm_id: str) -> None:
-        self.calls.append(("assign_vm", vm_id))
-
-    def provision(self) -> None:
-        self.calls.append(("provision", ""))
 
 
 class Tokens:
@@ -81,7 +68,7 @@ def main() -> None:
             pubsub={"source": "local"},
         )
         store = RedisStore(client, POOL)
-        dispatch = NullDispatch()
+        dispatch = RecordingDispatcher()
         events = AgentEvents(store, settings, dispatch)
         intake = RedisIntake(store, settings, dispatch, events)
         assigner = Assigner(store, Tokens(), settings, dispatch)

@@ -35,6 +35,7 @@ from migctl.services.events import AgentEvents
 from migctl.settings import Settings
 from migctl.wire.miglet import commands_pb2 as pb
 from migctl.wire.miglet import commands_pb2_grpc as pb_grpc
+from migctl.worker.dispatch import RecordingDispatcher
 
 # A deployed agent's channel (PROTOCOL.md): grpc-go pinging every 10 s, with and without
 # streams, 3 s to answer. grpc-go keeps pinging without data; C-core stops after 2
@@ -91,22 +92,6 @@ class RecordingSendTask:
     def of(self, name: str) -> list[tuple[Any, ...]]:
         with self._lock:
             return [args for n, args in self.calls if n == name]
-
-
-class RecordingDispatcher:
-    """The Dispatcher port, recording (AgentEvents asks it for follow-up work)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def assign_job(self, job_id: str) -> None:
-        self.calls.append(("assign_job", job_id))
-
-    def assign_vm(self, vm_id: str) -> None:
-        self.calls.append(("assign_vm", vm_id))
-
-    def provision(self) -> None:
-        self.calls.append(("provision", ""))
 
 
 # -- a pool in Redis ------------------------------------------------------------------------

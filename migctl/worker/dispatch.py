@@ -42,3 +42,20 @@ class CeleryDispatcher:
 
         if runtime().store.once("provision", PROVISION_DEBOUNCE_S):
             self.send("migctl.provision")
+
+
+class RecordingDispatcher:
+    """The Dispatcher port's in-memory fake: records the follow-up work it is asked for
+    (tests, benchmarks, and services run without Celery)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def assign_job(self, job_id: str) -> None:
+        self.calls.append(("assign_job", job_id))
+
+    def assign_vm(self, vm_id: str) -> None:
+        self.calls.append(("assign_vm", vm_id))
+
+    def provision(self) -> None:
+        self.calls.append(("provision", ""))

@@ -17,6 +17,7 @@ from migctl.services.events import AgentEvents
 from migctl.services.pool import Pool
 from migctl.settings import Settings
 from migctl.sim.mig import SimMig, SimTimings
+from migctl.worker.dispatch import RecordingDispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -24,14 +25,6 @@ POOL = "pool-h"
 LABELS = ("self-hosted",)
 VMS = ("vm-0", "vm-1")
 DOWN = (Lifecycle.STOPPING, Lifecycle.SUSPENDING, Lifecycle.DELETING)
-
-
-class Recorder:
-    def assign_job(self, job_id: str) -> None: ...
-
-    def assign_vm(self, vm_id: str) -> None: ...
-
-    def provision(self) -> None: ...
 
 
 class Clock:
@@ -90,8 +83,8 @@ def test_a_vm_holding_a_job_is_never_stopped(client: redis.Redis, ops) -> None:
         github_app={"app_id": "1", "private_key": "unused"},
         pubsub={"source": "local"},
     )
-    pool = Pool(store, mig, config, Recorder(), clock=clock)
-    events = AgentEvents(store, config, Recorder(), clock=clock)
+    pool = Pool(store, mig, config, RecordingDispatcher(), clock=clock)
+    events = AgentEvents(store, config, RecordingDispatcher(), clock=clock)
     mig.create(list(VMS))
     store.save(
         Change(

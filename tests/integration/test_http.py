@@ -21,6 +21,7 @@ from migctl.http.server import OpsServer, serve
 from migctl.http.testing import ADMIN_TOKEN, POOL, SECRET_IN_OUTBOX, seed_world, settings_for
 from migctl.metrics import METRIC_NAMES
 from migctl.sim.stack import free_port
+from migctl.worker.dispatch import RecordingDispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -28,18 +29,7 @@ WAIT = 10
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def assign_job(self, job_id: str) -> None:
-        self.calls.append(("assign_job", job_id))
-
-    def assign_vm(self, vm_id: str) -> None:
-        self.calls.append(("assign_vm", vm_id))
-
-    def provision(self) -> None:
-        self.calls.append(("provision", ""))
+Recorder = RecordingDispatcher
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from migctl.services.events import AgentEvents
 from migctl.services.pool import Pool
 from migctl.settings import Settings
 from migctl.sim.mig import SimMig, SimTimings
+from migctl.worker.dispatch import RecordingDispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -23,18 +24,7 @@ POOL = "pool-t"
 LABELS = ("self-hosted", "linux")
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def assign_job(self, job_id: str) -> None:
-        self.calls.append(("assign_job", job_id))
-
-    def assign_vm(self, vm_id: str) -> None:
-        self.calls.append(("assign_vm", vm_id))
-
-    def provision(self) -> None:
-        self.calls.append(("provision", ""))
+Recorder = RecordingDispatcher
 
 
 class Clock:
