@@ -136,9 +136,15 @@ class Emulator:
         self.stop()
 
 
+_UNCAPPED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
 def subscriber_client(host: str) -> pubsub_v1.SubscriberClient:
     """A real SubscriberClient talking plaintext gRPC to the emulator at `host`."""
-    transport = SubscriberGrpcTransport(channel=grpc.insecure_channel(host), host=host)
+    # The client library lifts gRPC's 4 MB receive cap on the channels it builds itself;
+    # an explicit channel must too, or a pull carrying a few large messages stalls.
+    channel = grpc.insecure_channel(host, options=_UNCAPPED)
+    transport = SubscriberGrpcTransport(channel=channel, host=host)
     return pubsub_v1.SubscriberClient(transport=transport)
 
 
