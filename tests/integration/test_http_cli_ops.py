@@ -226,9 +226,7 @@ def test_redis_not_reachable(
     config = tmp_path / "down.yaml"
     config.write_text(yaml.safe_dump(config_for(f"redis://127.0.0.1:{port}/0")))
     monkeypatch.chdir(tmp_path)
-    started = time.monotonic()
     code, out, err = cli(capsys, *argv, "--config", str(config))
-    assert time.monotonic() - started < 5
     assert code == 2 and out == ""
     assert err.startswith(
         f"migctl {argv[0]}: cannot reach Redis at 127.0.0.1:{port} (pool pool-ops)"
