@@ -19,19 +19,22 @@ from migctl.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 
-def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
+def redis_client(settings: Settings, **overrides: Any) -> redis.Redis:
+    """A client of the pool's Redis (the jobs store) with our timeouts; `overrides` for
+    a process that must fail faster (the webhook answers GitHub within 10 s)."""
     ep = settings.redis.jobs
-    return redis.Redis(
-        host=ep.host,
-        port=ep.port,
-        db=ep.db,
-        password=ep.password or None,
-        ssl=ep.tls,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        **kwargs,
-    )
+    options: dict[str, Any] = {
+        "host": ep.host,
+        "port": ep.port,
+        "db": ep.db,
+        "password": ep.password or None,
+        "ssl": ep.tls,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+    }
+    options.update(overrides)
+    return redis.Redis(**options)
 
 
 def make_provider(settings: Settings, client: redis.Redis) -> VmProvider:

@@ -10,8 +10,8 @@ import signal
 import threading
 from typing import Any
 
-from migctl.logs import setup_logging
-from migctl.settings import ConfigError, Settings, load_settings
+from migctl.entry import add_config_flag, start
+from migctl.settings import Settings
 
 log = logging.getLogger("migctl.bridge")
 
@@ -73,14 +73,11 @@ def _report(source: Any, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="migctl-bridge", description=__doc__)
-    parser.add_argument("--config", help="controller YAML (default: $MIGCTL_CONFIG)")
+    add_config_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc)
+    settings = start(args.config)
+    if settings is None:
         return 2
-    setup_logging(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import signal
 
-from migctl.logs import setup_logging
-from migctl.settings import ConfigError, Settings, load_settings
+from migctl.entry import add_config_flag, start
+from migctl.settings import ConfigError, Settings
 
 log = logging.getLogger("migctl.gateway")
 
@@ -56,14 +56,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="migctl-grpc-gateway", description=__doc__)
-    parser.add_argument("--config", help="controller YAML (default: $MIGCTL_CONFIG)")
+    add_config_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc)
+    settings = start(args.config)
+    if settings is None:
         return 2
-    setup_logging(settings)
 
     async def run() -> None:
         stop = asyncio.Event()

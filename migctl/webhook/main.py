@@ -21,8 +21,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from migctl.domain.errors import MigctlError
-from migctl.logs import setup_logging
-from migctl.settings import ConfigError, Settings, load_settings
+from migctl.entry import add_config_flag, start
+from migctl.runtime import redis_client
+from migctl.settings import ConfigError, Settings
 from migctl.webhook.ingress import Ingress
 from migctl.webhook.ledger import RedisLedger
 from migctl.webhook.ports import Ledger
@@ -47,17 +48,11 @@ def webhook_secret(env: Mapping[str, str]) -> bytes:
 
 
 def webhook_redis(settings: Settings) -> redis.Redis:
-    ep = settings.redis.jobs
-    return redis.Redis(
-        host=ep.host,
-        port=ep.port,
-        db=ep.db,
-        password=ep.password or None,
-        ssl=ep.tls,
+    return redis_client(
+        settings,
         socket_timeout=REDIS_TIMEOUT_S,
         socket_connect_timeout=REDIS_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
     )
 
 
@@ -91,7 +86,7 @@ def _catch_up_loop(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="migctl-webhook", description=__doc__)
-    parser.add_argument("--config", help="controller YAML (default: $MIGCTL_CONFIG)")
+    add_config_flag(parser)
     parser.add_argument("--catch-up", action="store_true", help="run one redelivery pass and exit")
     parser.add_argument(
         "--catch-up-every",
@@ -113,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     lookback = LOOKBACK_S if args.lookback is None else args.lookback
     if args.catch_up_every < 0 or lookback <= 0:
         parser.error("--catch-up-every and --lookback take positive seconds")
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc)
+    settings = start(args.config)
+    if settings is None:
         return 2
-    setup_logging(settings)
     if args.catch_up:
         return run_catch_up(settings, lookback)
     try:
