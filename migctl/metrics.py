@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from migctl.adapters.redis_store import RedisStore
 from migctl.domain.model import JobState, VmState
 from migctl.domain.states import ON_THE_WAY
+from migctl.services.events import VM_STARTUP_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ HISTOGRAMS = {
         "assigned_at",
         ASSIGNMENT_BUCKETS,
         "Time from receipt to a VM reserved: assigned_at - received_at.",
+    ),
+}
+# Observed at event time (migctl.services.events), not folded from job records.
+OBSERVED_HISTOGRAMS = {
+    "controller_vm_startup_seconds": (
+        "",
+        VM_STARTUP_BUCKETS,
+        "VM startup: create/start/resume requested until its agent reported ready.",
     ),
 }
 SEED_GAUGES = ("queue_length", "connected_vms")
@@ -337,7 +346,7 @@ class PoolCollector(Collector):
             yield from _github(pool, {_s(key): _s(v) for key, v in github.items()})
 
     def _histograms(self, pool: str, hist: dict[str, float]) -> Iterator[Metric]:
-        for name, (_, buckets, text) in HISTOGRAMS.items():
+        for name, (_, buckets, text) in {**HISTOGRAMS, **OBSERVED_HISTOGRAMS}.items():
             family = HistogramMetricFamily(name, text, labels=["pool"])
             count = hist.get(f"{name}:count", 0.0)
             points = [(_go(b), hist.get(f"{name}:{_le(b)}", 0.0)) for b in buckets]

@@ -380,6 +380,22 @@ class RedisStore:
             ops["expire"].append([key, FINISHED_JOB_TTL])
             ops["trim"].append([self.k.recent, RECENT_JOBS_KEPT])
 
+    # -- observations for /metrics -----------------------------------------------------
+
+    @_redis_errors
+    def observe(self, name: str, value: float, buckets: Sequence[float]) -> None:
+        """One observation into a cumulative histogram kept in Redis (read by /metrics,
+        in the same hash and layout as the scrape-folded job histograms)."""
+        key = self.k.prefix + "metrics:hist"
+        pipe = self.r.pipeline(transaction=False)
+        for le in buckets:
+            if value <= le:
+                bound = str(int(le)) if float(le).is_integer() else repr(le)
+                pipe.hincrby(key, f"{name}:{bound}", 1)
+        pipe.hincrby(key, f"{name}:count", 1)
+        pipe.hincrbyfloat(key, f"{name}:sum", value)
+        pipe.execute()
+
     # -- per-job timeline ---------------------------------------------------------------
 
     @_redis_errors

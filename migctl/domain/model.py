@@ -152,6 +152,7 @@ class Vm:
     cmd_id: str = ""  # a register_runner sent and not yet acked: the VM is not free meanwhile
     reserved_at: float = 0.0
     cmd_sent_at: float = 0.0  # when `cmd_id` was sent: an unacked command expires from here
+    start_requested_at: float = 0.0  # create/start/resume asked; cleared when its agent is ready
     session: str = (
         ""  # the gateway stream that holds the agent, so a stale one cannot disconnect it
     )

@@ -21,6 +21,7 @@ from migctl.settings import Settings
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 8
+VM_STARTUP_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
 
 
 class AgentEvents:
@@ -116,10 +117,21 @@ class AgentEvents:
         self, vm_id: str, state: AgentState, capabilities: tuple[str, ...] | None = None
     ) -> str:
         """The agent's reported state changed (or it connected)."""
-        return self._update_vm(
-            vm_id,
-            lambda vm: t.agent_reported(vm, state, now=self.clock.now(), capabilities=capabilities),
-        )
+        now = self.clock.now()
+        started: list[float] = []
+
+        def update(vm: Vm) -> Vm:
+            new = t.agent_reported(vm, state, now=now, capabilities=capabilities)
+            if vm.start_requested_at and state in (AgentState.READY, AgentState.IDLE):
+                # The VM we created or started is up and its agent ready: its startup time.
+                started[:] = [now - vm.start_requested_at]
+                new = new.with_(start_requested_at=0.0)
+            return new
+
+        result = self._update_vm(vm_id, update)
+        if result == "applied" and started:
+            self.store.observe("controller_vm_startup_seconds", started[0], VM_STARTUP_BUCKETS)
+        return result
 
     def disconnected(self, vm_id: str, session: str) -> str:
         """The gateway lost the stream `session`; a newer stream keeps the VM connected."""

@@ -96,7 +96,10 @@ class Pool:
         marked = self._mark(
             ids,
             lambda vm: vm.with_(
-                lifecycle=Lifecycle.STARTING, state_since=now, infra=InfraStatus.STARTING
+                lifecycle=Lifecycle.STARTING,
+                state_since=now,
+                infra=InfraStatus.STARTING,
+                start_requested_at=now,
             ),
         )
         if not marked:
@@ -125,6 +128,7 @@ class Pool:
                     infra=InfraStatus.CREATING,
                     lifecycle=Lifecycle.STARTING,
                     created_at=now,
+                    start_requested_at=now,
                     state_since=now,
                 )
             )

@@ -239,3 +239,23 @@ def test_sync_keeps_the_migs_standby_policy_as_configured(redis_url: str) -> Non
         assert "standby_policy" not in pool.sync().actions  # held: no second patch
     finally:
         fake.stop()
+
+
+def test_vm_startup_is_observed_once_when_its_agent_is_first_ready(world) -> None:
+    from prometheus_client import generate_latest
+
+    from migctl.metrics import registry
+
+    store, _, dispatch, clock, pool = world
+    store.create_job(Job(id="j1", labels=LABELS, received_at=clock.t))
+    report = pool(min_ready_vms=0).provision()
+    [vm_id] = report.actions["create"]
+    clock.t += 42.0
+    events = AgentEvents(store, settings(), dispatch, clock=clock)
+    events.agent_state(vm_id, AgentState.CONNECTING)
+    events.agent_state(vm_id, AgentState.READY)
+    events.agent_state(vm_id, AgentState.IDLE)  # not a second startup
+    text = generate_latest(registry(store)).decode()
+    assert 'controller_vm_startup_seconds_count{pool="pool-t"} 1.0' in text
+    assert 'controller_vm_startup_seconds_bucket{le="45.0",pool="pool-t"} 1.0' in text
+    assert 'controller_vm_startup_seconds_bucket{le="30.0",pool="pool-t"} 0.0' in text
