@@ -93,6 +93,7 @@ METRIC_NAMES = (
     "controller_gateway_sessions",
     "controller_bridge_messages",
     *HISTOGRAMS,
+    *OBSERVED_HISTOGRAMS,
     "controller_github_rate_limit_remaining",
     "controller_github_rate_limit_limit",
     "controller_github_rate_limit_reset_timestamp_seconds",
