@@ -60,7 +60,8 @@ class Ingress:
         self.ledger = ledger
 
     def receive(self, headers: Mapping[str, str], body: bytes) -> Answer:
-        """`headers` with lower-case names. Never raises."""
+        """`headers` with lower-case names. Raises only what a port raises other than
+        `TemporaryError`, i.e. on a bug."""
         answer, ledger_ok = self._decide(headers, body)
         if ledger_ok:
             try:

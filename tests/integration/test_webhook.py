@@ -341,6 +341,23 @@ def test_an_unreachable_topic_is_503_well_inside_githubs_limit(
     assert PUBLISH_TIMEOUT_S + 1 < GITHUB_LIMIT_S - 4
 
 
+class BrokenPublisher:
+    max_bytes = 1024
+
+    def publish(self, data: bytes, attributes: Any) -> str:
+        raise ValueError("a bug")
+
+
+def test_a_bug_in_a_port_is_a_500_and_the_server_goes_on(
+    serve: Callable[..., WebhookServer], ledger: RedisLedger
+) -> None:
+    server = serve(BrokenPublisher(), ledger)
+    body = workflow_job(17)
+    resp = requests.post(url(server), data=body, headers=github_headers(body), timeout=WAIT)
+    assert (resp.status_code, resp.json()["reason"]) == (500, "internal_error")
+    assert requests.get(url(server, "/health"), timeout=WAIT).status_code == 200
+
+
 def test_redis_down_still_publishes(serve: Callable[..., WebhookServer], tmp_path: Path) -> None:
     from migctl.sim.stack import RedisServer
     from migctl.webhook.main import webhook_redis
@@ -547,7 +564,10 @@ def test_the_migctl_webhook_process(emulator: Emulator, redis_url: str, tmp_path
         for i in range(count):
             body = workflow_job(100_000 + i)
             started = time.monotonic()
-            resp = session.post(base + "/webhook", data=body, headers=github_headers(body))
+            # GitHub's own limit bounds each answer; the figures are printed, not asserted.
+            resp = session.post(
+                base + "/webhook", data=body, headers=github_headers(body), timeout=GITHUB_LIMIT_S
+            )
             latencies.append(time.monotonic() - started)
             assert resp.status_code == 202, resp.text
         bad = session.post(
@@ -572,4 +592,3 @@ def test_the_migctl_webhook_process(emulator: Emulator, redis_url: str, tmp_path
         f"\nwebhook delivery latency into the emulator: p50 {p50 * 1000:.1f} ms, "
         f"p99 {p99 * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
     )
-    assert latencies[-1] < GITHUB_LIMIT_S / 2
