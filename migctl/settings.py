@@ -331,6 +331,12 @@ class ServerSettings(_Section):
     admin_token: str = Field(
         "", description="Bearer token required by admin API writes (drain, cancel).", repr=False
     )
+    webhook_secret: str = Field(
+        "",
+        description="Secret of the GitHub App's webhook, checked against X-Hub-Signature-256 "
+        "by migctl-webhook.",
+        repr=False,
+    )
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted from an agent."
     )
@@ -493,6 +499,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "CONTROLLER_LOG_LEVEL": ("logging", "level"),
     "CONTROLLER_LOG_FORMAT": ("logging", "format"),
     "FLOWER_BASIC_AUTH": ("flower", "basic_auth"),
+    "GITHUB_WEBHOOK_SECRET": ("server", "webhook_secret"),
 }
 
 # YAML keys accepted for a canonical key (the seed shows no layout for these sections).

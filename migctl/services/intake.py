@@ -92,6 +92,11 @@ class RedisIntake:
             self.store.incr("ignored_jobs")
             return Outcome.IGNORED
         if not self.store.create_job(self._job(event), queued_at=self.clock.now()):
+            # A redelivery (e.g. the bridge died after storing it, before sending the task):
+            # make sure a still-queued job has its assignment coming (the task is idempotent).
+            got = self.store.get_job(event.job_id)
+            if got is not None and got[0].state is JobState.QUEUED:
+                self.dispatch.assign_job(event.job_id)
             return Outcome.DUPLICATE
         self.dispatch.assign_job(event.job_id)
         return Outcome.CREATED

@@ -37,10 +37,14 @@ SECRET_ENV = ("MIGCTL_WEBHOOK_SECRET", "GITHUB_WEBHOOK_SECRET")
 REDIS_TIMEOUT_S = 0.5
 
 
-def webhook_secret(env: Mapping[str, str]) -> bytes:
+def webhook_secret(env: Mapping[str, str], settings: Settings | None = None) -> bytes:
+    """MIGCTL_WEBHOOK_SECRET, else server.webhook_secret (YAML, or env
+    GITHUB_WEBHOOK_SECRET / CONTROLLER_SERVER_WEBHOOK_SECRET)."""
     for name in SECRET_ENV:
         if env.get(name):
             return env[name].encode()
+    if settings is not None and settings.server.webhook_secret:
+        return settings.server.webhook_secret.encode()
     raise ConfigError(
         f"config error: the webhook secret is not set: set {' or '.join(SECRET_ENV)} "
         "to the secret configured on the GitHub App's webhook"
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.catch_up:
         return run_catch_up(settings, lookback)
     try:
-        secret = webhook_secret(os.environ)
+        secret = webhook_secret(os.environ, settings)
         client = webhook_redis(settings)
         ledger = RedisLedger(client, settings.pool.id)
         publisher = build_publisher(settings, client)
