@@ -93,11 +93,14 @@ def idle_plan(
             continue
         busy = bool(vm.job_id or vm.reserved_job) or vm.agent is AgentState.JOB_RUNNING
         overdue = vm.state_since and now - vm.state_since > drain_timeout
-        if busy:
-            if overdue:
-                undrain.append(vm.id)
-        elif not vm.cmd_id or overdue:
-            stop.append(vm.id)  # the agent acked the drain (or never will)
+        if not busy and not vm.cmd_id:
+            stop.append(vm.id)  # the agent acked the drain: its runner is gone
+        elif overdue:
+            # A drain that met a job, or that the agent never acked: its runner may still
+            # be registered and GitHub may hand it a job at any moment, so it is never
+            # stopped unacked; it goes back to the pool and the next pass may drain again
+            # (a dead agent is the health sweep's to replace).
+            undrain.append(vm.id)
     if queue_length:
         return IdlePlan(stop=tuple(stop), undrain=tuple(undrain))
     free = sorted((vm for vm in vms if is_free(vm)), key=lambda vm: (-vm.last_active, vm.id))

@@ -409,7 +409,8 @@ class Pool:
                 queue_length=self.store.queue_length(),
             )
             report.add(
-                "undrain", self._mark(plan.undrain, lambda vm: vm.with_(lifecycle=Lifecycle.NONE))
+                "undrain",
+                self._mark(plan.undrain, lambda vm: vm.with_(lifecycle=Lifecycle.NONE, cmd_id="")),
             )
             report.add("drain", self.drain(plan.drain, now))
             report.add(self.settings.pool.idle_action, self._scale_down(plan.stop, now))

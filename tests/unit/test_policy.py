@@ -103,9 +103,9 @@ def health(vms: list[Vm]):
             [vm("a", lifecycle=Lifecycle.DRAINING, cmd_id="c1", state_since=NOW - 1000)],
             0,
             0,
-            ("a",),
             (),
-            id="drain never acked: stop after drain_timeout",
+            (),
+            id="drain never acked: never stopped unacked (back to the pool)",
         ),
         pytest.param(
             [vm("a", lifecycle=Lifecycle.DRAINING, job_id="j1", agent=AgentState.JOB_RUNNING)],
@@ -121,6 +121,11 @@ def test_idle_plan(vms, queue, min_ready, stop, drain) -> None:
     plan = idle(vms, queue, min_ready)
     assert plan.stop == stop
     assert plan.drain == drain
+
+
+def test_an_unacked_drain_is_cancelled_after_drain_timeout() -> None:
+    silent = vm("a", lifecycle=Lifecycle.DRAINING, cmd_id="c1", state_since=NOW - 1000)
+    assert idle([silent]).undrain == ("a",)
 
 
 def test_a_drain_that_met_a_job_is_cancelled_after_drain_timeout() -> None:
