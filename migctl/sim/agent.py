@@ -47,6 +47,8 @@ class RunnerClient(Protocol):
 
     def complete(self, runner_id: int, job_id: Any, conclusion: str) -> None: ...
 
+    def renew(self, runner_id: int, job_id: str) -> None: ...
+
     def remove(self, runner_id: int) -> None: ...
 
 
@@ -105,6 +107,7 @@ class SimAgent:
         backoff_cap: float = 30.0,
         connect_timeout: float = 30.0,
         duplicate_events: bool = False,
+        renew_interval: float = 1.0,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.vm_id, self.pool_id, self.org_id, self.target = vm_id, pool_id, org_id, target
@@ -120,6 +123,7 @@ class SimAgent:
         self._keepalive_ms = keepalive_ms
         self._backoff = (backoff_base, backoff_cap)
         self._connect_timeout = connect_timeout
+        self._renew_interval = renew_interval
         self._channel_options = tuple(channel_options)
 
         self.state = AgentState.INITIALIZING
@@ -406,9 +410,11 @@ class SimAgent:
             self.current_job = {**job, "started_at": int(time.time())}
             self._event("job_started", job_id=job_id, run_id=run_id)
             self._set_state(AgentState.JOB_RUNNING)
-            await asyncio.sleep(float(job.get("duration", 0.0)))
-            conclusion = str(job.get("conclusion", "success"))
-            await self._complete(runner_id, job["job_id"], conclusion)
+            if await self._run_job(runner_id, job_id, float(job.get("duration", 0.0))):
+                conclusion = str(job.get("conclusion", "success"))
+                await self._complete(runner_id, job["job_id"], conclusion)
+            else:
+                conclusion = "failure"  # GitHub took the job away: it failed there
             self._forget_runner()
             success = "true" if conclusion == "success" else "false"
             self._event("job_completed", job_id=job_id, run_id=run_id, success=success)
@@ -416,6 +422,24 @@ class SimAgent:
         finally:
             if self._work is asyncio.current_task():
                 self._work = None
+
+    async def _run_job(self, runner_id: int, job_id: str, duration: float) -> bool:
+        """Run the job for `duration`, renewing its lock with GitHub as the runner does
+        (a runner that stops renewing is lost and its job failed). False: GitHub has
+        taken the job away."""
+        end = time.monotonic() + duration
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self._renew_interval))
+            if time.monotonic() >= end:
+                break
+            try:
+                await self._blocking(self._github.renew, runner_id, job_id)
+            except NotFound:
+                log.warning("agent %s: GitHub took job %s away", self.vm_id, job_id)
+                return False
+            except Exception as exc:  # unreachable for a moment: try at the next renewal
+                log.warning("agent %s: renewing job %s failed: %s", self.vm_id, job_id, exc)
+        return True
 
     async def _complete(self, runner_id: int, job_id: Any, conclusion: str) -> None:
         for attempt in range(5):

@@ -55,6 +55,7 @@ _ROUTES = (
     ("POST", "/_sim/runners", "_sim_register"),
     ("GET", "/_sim/runners/{runner_id}/job", "_sim_next_job"),
     ("POST", "/_sim/runners/{runner_id}/complete", "_sim_complete"),
+    ("POST", "/_sim/runners/{runner_id}/renew", "_sim_renew"),
     ("DELETE", "/_sim/runners/{runner_id}", "_sim_remove"),
     ("POST", "/_sim/jobs", "_sim_add_job"),
     ("GET", "/_sim/jobs", "_sim_jobs"),
@@ -118,6 +119,8 @@ class _Runner:
     busy: bool = False
     ephemeral: bool = True
     job_id: str = ""
+    seen: float = field(default_factory=time.monotonic)  # the runner's last call
+    polling: int = 0  # long-polls open now (a waiting runner is in contact)
 
 
 @dataclass
@@ -179,6 +182,7 @@ class FakeGitHub:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         token_ttl: float = 3600,
         clock: Callable[[], float] = time.time,
+        lost_runner_timeout: float = 10.0,
     ) -> None:
         self.app_id = str(app_id)
         self._public_key = serialization.load_pem_public_key(public_key_pem)
@@ -186,6 +190,10 @@ class FakeGitHub:
         self.on_event = on_event
         self.token_ttl = token_ttl
         self._clock = clock
+        # A runner silent this long (no poll, no renewal of its job) is lost: its job
+        # fails and it goes offline, as GitHub does when a runner's machine dies.
+        self.lost_runner_timeout = lost_runner_timeout
+        self.lost_runners = 0
         self.auto_install = True  # any org/installation id is accepted, as if installed
         self.calls: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -205,6 +213,7 @@ class FakeGitHub:
         self._window = (0.0, 0)  # rate-limit window reset time, calls in it
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -219,6 +228,8 @@ class FakeGitHub:
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
         )
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reap_lost_runners, daemon=True)
+        self._reaper.start()
         return self
 
     def stop(self) -> None:
@@ -232,6 +243,9 @@ class FakeGitHub:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+            self._reaper = None
 
     @property
     def url(self) -> str:
@@ -654,7 +668,7 @@ class FakeGitHub:
                 runner = self._take_jit(str(body["jit_config"]))
             else:
                 runner = self._register_with_token(body)
-            runner.status = "online"
+            runner.status, runner.seen = "online", time.monotonic()
             self._cond.notify_all()
         return 201, {"id": runner.id}, {}
 
@@ -694,20 +708,32 @@ class FakeGitHub:
             raise _HttpError(422, "wait must be a number of seconds") from exc
         deadline = time.monotonic() + wait  # real time: this is a socket's long-poll
         with self._cond:
-            while True:
-                runner = self._runners.get(runner_id)
-                if runner is None or runner.status != "online":
-                    raise _HttpError(404, "runner not found or offline")
-                if runner.job_id:  # a lost answer: hand the same job again
-                    return 200, self._assignment(self._jobs[runner.job_id]), {}
-                job = self._oldest_match(runner)
-                if job is not None:
-                    self._start(job, runner)
-                    return 200, self._assignment(job), {}
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
-                    return 204, None, {}
-                self._cond.wait(remaining)
+            runner = self._runners.get(runner_id)
+            if runner is None or runner.status != "online":
+                raise _HttpError(404, "runner not found or offline")
+            runner.polling += 1
+            try:
+                return self._next_job(runner_id, deadline)
+            finally:
+                runner.polling -= 1
+                runner.seen = time.monotonic()
+
+    def _next_job(self, runner_id: int, deadline: float) -> tuple[int, Any, dict[str, str]]:
+        """The long-poll's wait; called holding the lock."""
+        while True:
+            runner = self._runners.get(runner_id)
+            if runner is None or runner.status != "online":
+                raise _HttpError(404, "runner not found or offline")
+            if runner.job_id:  # a lost answer: hand the same job again
+                return 200, self._assignment(self._jobs[runner.job_id]), {}
+            job = self._oldest_match(runner)
+            if job is not None:
+                self._start(job, runner)
+                return 200, self._assignment(job), {}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                return 204, None, {}
+            self._cond.wait(remaining)
 
     def _oldest_match(self, runner: _Runner) -> _Job | None:
         for job in self._queued.values():
@@ -749,6 +775,7 @@ class FakeGitHub:
                 raise _HttpError(404, "runner not found")
             if runner.job_id != job_id:
                 raise _HttpError(409, f"runner {runner_id} is not running job {job_id}")
+            runner.seen = time.monotonic()
             self._finish(self._jobs[job_id], conclusion)
             if runner.ephemeral:
                 del self._runners[runner.id]
@@ -756,6 +783,39 @@ class FakeGitHub:
                 runner.busy, runner.job_id = False, ""
             self._cond.notify_all()
         return 200, {}, {}
+
+    def _sim_renew(self, req: _Req) -> tuple[int, Any, dict[str, str]]:
+        """The runner renews its job's lock (the real runner does every minute)."""
+        runner_id = int(req.params["runner_id"])
+        job_id = str(req.body.get("job_id", ""))
+        with self._cond:
+            runner = self._runners.get(runner_id)
+            if runner is None or runner.job_id != job_id:
+                raise _HttpError(404, f"runner {runner_id} no longer holds job {job_id}")
+            runner.seen = time.monotonic()
+        return 200, {}, {}
+
+    def _reap_lost_runners(self) -> None:
+        """Fail the job of a busy runner silent past `lost_runner_timeout` and drop the
+        runner; mark an idle silent one offline (its machine is gone)."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(0.25)
+                if self._stopping:
+                    return
+                limit = time.monotonic() - self.lost_runner_timeout
+                for runner in list(self._runners.values()):
+                    if runner.status != "online" or runner.polling or runner.seen > limit:
+                        continue
+                    if runner.job_id and self._jobs[runner.job_id].state == "in_progress":
+                        log.info("runner %s lost mid-job %s", runner.name, runner.job_id)
+                        self.lost_runners += 1
+                        self._drop_runner(runner, "failure")
+                    elif not runner.job_id:
+                        runner.status = "offline"
+            self._flush()
 
     def _sim_remove(self, req: _Req) -> tuple[int, Any, dict[str, str]]:
         with self._cond:

@@ -53,6 +53,10 @@ class SimRunnerClient:
         body = {"job_id": job_id, "conclusion": conclusion}
         self._call("POST", f"/_sim/runners/{runner_id}/complete", json=body)
 
+    def renew(self, runner_id: int, job_id: str) -> None:
+        """Renew the job's lock; NotFound once GitHub has taken the job away (runner lost)."""
+        self._call("POST", f"/_sim/runners/{runner_id}/renew", json={"job_id": job_id})
+
     def remove(self, runner_id: int) -> None:
         """Deregister (config.sh remove); a runner already gone is fine."""
         try:

@@ -151,6 +151,7 @@ class StackOptions:
     capabilities: tuple[str, ...] = ()  # what the simulated agents advertise, e.g. ("jit",)
     agent_options: dict[str, Any] = field(default_factory=dict)  # e.g. duplicate_events=True
     publish_copies: int = 1  # >1: every job message is published that many times (fault tests)
+    lost_runner_timeout: float = 5.0  # fake GitHub fails a job whose runner went silent
 
 
 class LocalStack:
@@ -191,7 +192,12 @@ class LocalStack:
         key_path = self.workdir / "github-app-key.pem"
         key_path.write_bytes(private_pem)
         key_path.chmod(0o600)
-        self.github = FakeGitHub(APP_ID, public_pem, on_event=self._on_github_event).start()
+        self.github = FakeGitHub(
+            APP_ID,
+            public_pem,
+            on_event=self._on_github_event,
+            lost_runner_timeout=self.o.lost_runner_timeout,
+        ).start()
         use_emulator = self.o.use_emulator
         if use_emulator is None:
             from migctl.sim.pubsub_emulator import find_emulator

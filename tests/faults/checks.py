@@ -41,6 +41,10 @@ def check_exactly_once(stack: LocalStack, ids: list[str]) -> dict[str, Any]:
     assert stack.github is not None
     gh = {j["job_id"]: j for j in stack.github.jobs()}
     assert all(gh[i]["state"] == "completed" and gh[i]["runner_name"] for i in ids)
+    # Our record of each outcome is GitHub's (a job whose VM vanished failed there).
+    wrong = {j.id: (j.conclusion, gh[j.id]["conclusion"]) for j in jobs}
+    wrong = {k: v for k, v in wrong.items() if v[0] != v[1]}
+    assert not wrong, f"conclusions differ from GitHub's (ours, GitHub's): {wrong}"
     # No VM ever ran two jobs at once, by GitHub's clock (when each runner took and
     # finished its job): our own timestamps are when workers processed the events, and
     # two events of one VM may be processed in either order.
@@ -58,3 +62,28 @@ def check_exactly_once(stack: LocalStack, ids: list[str]) -> dict[str, Any]:
     assert counters.get("completed_jobs", 0) == len(ids), counters
     assert counters.get("failed_jobs", 0) == 0, counters
     return counters
+
+
+def check_no_orphans(stack: LocalStack, timeout: float = 60) -> dict[str, int]:
+    """Settled, the records match the world: every VM the MIG lists is ours and every VM
+    record is a VM the MIG lists; every runner GitHub still has belongs to a live VM."""
+    from migctl.sim.mig import SimMig
+
+    assert stack.github is not None
+    store = RedisStore(stack.redis, POOL)
+    mig = SimMig(stack.redis, POOL)
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = {vm.name for vm in mig.list()}
+        recorded = {vm.id for vm, _ in store.get_vms()}
+        runners = {r["name"] for r in stack.github.runners()}
+        orphan_runners = runners - listed
+        if listed == recorded and not orphan_runners:
+            return {"vms": len(listed), "runners": len(runners)}
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"records never matched the world: MIG only {sorted(listed - recorded)}, "
+                f"records only {sorted(recorded - listed)}, "
+                f"runners without a VM {sorted(orphan_runners)}"
+            )
+        time.sleep(0.5)

@@ -524,6 +524,37 @@ def test_removed_runner_is_gone(app: GithubApp, fake: FakeGitHub, runner):
         runner.next_job(runner_id, wait=0)
 
 
+def test_a_silent_busy_runner_is_lost_and_its_job_failed(
+    app: GithubApp, fake: FakeGitHub, runner, events: list[dict[str, Any]]
+):
+    fake.lost_runner_timeout = 0.5
+    renewing = _register(app, runner, "vm-renews")
+    silent = _register(app, runner, "vm-dies")
+    idle = _register(app, runner, "vm-idle")
+    kept = fake.add_job("acme/app", LABELS)
+    lost = fake.add_job("acme/app", LABELS)
+    assert runner.next_job(renewing, wait=0)["job_id"] == kept["job_id"]
+    assert runner.next_job(silent, wait=0)["job_id"] == lost["job_id"]
+    deadline = time.monotonic() + 10
+    while fake.job(lost["job_id"])["state"] != "completed":
+        assert time.monotonic() < deadline, "the silent runner's job was never failed"
+        runner.renew(renewing, kept["job_id"])  # the live runner keeps renewing
+        time.sleep(0.1)
+    assert fake.job(lost["job_id"])["conclusion"] == "failure"
+    assert fake.job(kept["job_id"])["state"] == "in_progress"
+    assert fake.lost_runners == 1
+    left = {r["id"]: r["status"] for r in fake.runners()}
+    assert silent not in left  # dropped, as GitHub drops a lost ephemeral runner
+    assert left[renewing] == "online"
+    assert left[idle] == "offline"  # never polled again: its machine is gone
+    with pytest.raises(NotFound):
+        runner.renew(silent, lost["job_id"])  # the job was taken away
+    completed = [e for e in events if e["action"] == "completed"]
+    assert [e["workflow_job"]["id"] for e in completed] == [int(lost["job_id"])]
+    runner.complete(renewing, kept["job_id"], "success")
+    assert fake.job(kept["job_id"])["conclusion"] == "success"
+
+
 def test_replace_registers_a_new_runner_under_the_same_name(app: GithubApp, fake, runner):
     old = _register(app, runner, "vm-1")
     new = _register(app, runner, "vm-1")

@@ -198,6 +198,7 @@ class FakeRunners:
         self.runners: dict[int, tuple[str, ...]] = {}
         self.completed: list[tuple[int, str, str]] = []
         self.removed: list[int] = []
+        self.renewals: list[tuple[int, str]] = []
         self.fail_register = ""
 
     def add_job(self, job_id: str, labels: Sequence[str] = (), **extra: Any) -> None:
@@ -243,6 +244,10 @@ class FakeRunners:
     def complete(self, runner_id: int, job_id: str, conclusion: str) -> None:
         with self._cond:
             self.completed.append((runner_id, job_id, conclusion))
+
+    def renew(self, runner_id: int, job_id: str) -> None:
+        with self._cond:
+            self.renewals.append((runner_id, job_id))
 
     def remove(self, runner_id: int) -> None:
         with self._cond:
