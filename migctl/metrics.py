@@ -86,6 +86,7 @@ METRIC_NAMES = (
     "controller_provider_errors",
     "controller_dead_letters",
     "controller_dead_letters_kept",
+    "controller_state_reset_timestamp_seconds",
     "controller_registrations_in_flight",
     "controller_queue_head_wait_seconds",
     "controller_vm_oldest_starting_seconds",
@@ -272,7 +273,17 @@ class PoolCollector(Collector):
                 labels=["pool", "event"],
             ),
             pool,
-            {n: v for n, v in counters.items() if not n.startswith(PROVIDER_ERRORS)},
+            {
+                n: v
+                for n, v in counters.items()
+                if not n.startswith(PROVIDER_ERRORS) and n != "state_reset_at"
+            },
+        )
+        yield _gauge(
+            "controller_state_reset_timestamp_seconds",
+            "When Redis was last found wiped (state_resets counts it); 0: never.",
+            pool,
+            counters.get("state_reset_at", 0),
         )
         yield _labelled(
             CounterMetricFamily(

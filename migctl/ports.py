@@ -72,6 +72,16 @@ class RunnerInfo:
 
 
 @dataclass(frozen=True)
+class QueuedJob:
+    """A job GitHub holds queued (from its REST API, not a webhook)."""
+
+    job_id: str
+    run_id: str
+    repo: str  # owner/name
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunnerScope:
     """Where a runner registers: an org, or one repository (`owner/name`)."""
 
@@ -94,6 +104,10 @@ class TokenIssuer(Protocol):
         ...
 
     def list_runners(self, scope: RunnerScope) -> list[RunnerInfo]: ...
+
+    def queued_jobs(self, scope: RunnerScope) -> list[QueuedJob]:
+        """Jobs GitHub holds queued in the scope's repositories (a lost queue's source)."""
+        ...
 
     def delete_runner(self, scope: RunnerScope, runner_id: int) -> None:
         """Idempotent: a runner already gone is not an error."""

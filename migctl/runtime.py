@@ -50,6 +50,8 @@ def make_provider(settings: Settings, client: redis.Redis) -> VmProvider:
             suspend_s=s.stop_s,
             delete_s=s.stop_s,
         )
+        if s.redis_url:
+            client = redis.Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
         return SimMig(client, settings.pool.id, timings)
     from migctl.adapters.gce import GceMig
 
@@ -109,6 +111,12 @@ class Runtime:
         return Hygiene(
             self.store, self.tokens, self.settings, grace=self.settings.github_app.runner_grace
         )
+
+    @cached_property
+    def recovery(self) -> Any:
+        from migctl.services.recovery import Recovery
+
+        return Recovery(self.store, self.pool, self.tokens, self.intake, self.settings)
 
     @cached_property
     def intake(self) -> Any:

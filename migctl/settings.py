@@ -377,6 +377,13 @@ class SimSettings(_Section):
         2.0, description="Heartbeat period of the simulated agents."
     )
     job_duration: Duration = Field(2.0, description="How long a demo job runs on its runner.")
+    redis_url: str = Field(
+        "",
+        description=(
+            "Redis holding the simulated MIG; empty: the jobs store. A separate one keeps "
+            "the simulated cloud out of the controller's state (it survives a FLUSHALL)."
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,14 @@ from migctl.domain.errors import (
     RunnerNameTaken,
     TemporaryError,
 )
-from migctl.ports import Clock, RunnerCredentials, RunnerInfo, RunnerScope, SystemClock
+from migctl.ports import (
+    Clock,
+    QueuedJob,
+    RunnerCredentials,
+    RunnerInfo,
+    RunnerScope,
+    SystemClock,
+)
 from migctl.settings import GithubAppSettings, env_hint
 
 log = logging.getLogger(__name__)
@@ -241,6 +248,44 @@ class GithubApp:
                 except (KeyError, TypeError, ValueError) as exc:
                     raise TemporaryError(f"GitHub list runners of {target.name}: bad item") from exc
         return runners
+
+    def queued_jobs(self, scope: RunnerScope) -> list[QueuedJob]:
+        """Jobs still queued on GitHub: every repository the installation reaches in the
+        scope's org (or the scope's one repository), its runs queued or in progress, and
+        their jobs that are queued. Costs 1 + repos x 2 + runs calls: for recovery, not
+        for every tick."""
+        target = self._target(scope)
+        inst = self._installation_id(scope, target)
+        if target.is_repo:
+            repos = [target.name]
+        else:
+            repos = [
+                str(repo["full_name"])
+                for page in self._pages(inst, "/installation/repositories")
+                for repo in page.get("repositories", [])
+                if str(repo.get("full_name", "")).split("/")[0].lower() == target.org.lower()
+            ]
+        found: dict[str, QueuedJob] = {}
+        for repo in repos:
+            for status in ("queued", "in_progress"):
+                runs = self._pages(inst, f"/repos/{repo}/actions/runs", {"status": status})
+                for run in (r for page in runs for r in page.get("workflow_runs", [])):
+                    path = f"/repos/{repo}/actions/runs/{int(run['id'])}/jobs"
+                    pages = self._pages(inst, path)
+                    for item in (j for page in pages for j in page.get("jobs", [])):
+                        if item.get("status") != "queued":
+                            continue
+                        try:
+                            job_id = str(int(item["id"]))
+                            found[job_id] = QueuedJob(
+                                job_id=job_id,
+                                run_id=str(int(item["run_id"])),
+                                repo=repo,
+                                labels=tuple(str(label) for label in item.get("labels", [])),
+                            )
+                        except (KeyError, TypeError, ValueError) as exc:
+                            raise TemporaryError(f"GitHub GET {path}: bad job item") from exc
+        return list(found.values())
 
     def delete_runner(self, scope: RunnerScope, runner_id: int) -> None:
         target = self._target(scope)
@@ -511,10 +556,12 @@ class GithubApp:
                 )
         return resp
 
-    def _pages(self, inst: int, path: str) -> list[dict[str, Any]]:
+    def _pages(
+        self, inst: int, path: str, query: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         pages: list[dict[str, Any]] = []
         url: str | None = path
-        params: dict[str, Any] | None = {"per_page": 100}
+        params: dict[str, Any] | None = {"per_page": 100, **(query or {})}
         while url and len(pages) < MAX_PAGES:
             resp = self._authed(inst, "GET", url, params=params)
             pages.append(_json(resp, f"GET {urlsplit(url).path}"))

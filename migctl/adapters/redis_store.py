@@ -10,6 +10,7 @@ derived from the new records here, in one place.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ class Keys:
         self.scaled = p + "scaled"  # zset: one member per VM started or created, by time
         self.wake = p + "wake"  # pub/sub channel: a VM id whose outbox has news
         self.bridge_stats = p + "bridge"  # hash: the bridge's counters
+        self.epoch = p + "epoch"  # string: set once per life of the data (StateEpoch)
         self.vm_prefix = p + "vm:"
 
     def job(self, job_id: str) -> str:
@@ -515,6 +517,17 @@ class RedisStore:
                     pass  # expired or Redis gone: the TTL frees it anyway
 
     @_redis_errors
+    def synced_at(self) -> float:
+        """When the GCloud sync last listed the provider; 0.0 if never since the data
+        began (a first start, or a wiped Redis: the VM records are not to be trusted)."""
+        value = self.r.get(self.k.prefix + "synced_at")
+        return float(value) if value is not None else 0.0
+
+    @_redis_errors
+    def mark_synced(self, at: float) -> None:
+        self.r.set(self.k.prefix + "synced_at", repr(at))
+
+    @_redis_errors
     def once(self, name: str, ttl_s: float) -> bool:
         """True for the first caller within `ttl_s` (debounces follow-up work)."""
         return bool(self.r.set(self.k.prefix + "once:" + name, "1", nx=True, px=int(ttl_s * 1000)))
@@ -531,3 +544,42 @@ def _prune(ops: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class StateEpoch:
+    """Notices that the controller's Redis lost its data (FLUSHALL, a Redis that came back
+    empty without persistence).
+
+    One key holds a value set by whoever finds it missing; every long-lived process
+    remembers the value it saw. A key that had to be made again, or a value that changed,
+    means everything else went with it: `check()` says so once per process, and the
+    first process to notice counts it (`state_resets`) and records when
+    (`state_reset_at`). One round trip per check.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.seen: str | None = None
+        self.reset_at = 0.0  # when this process last noticed a wipe
+
+    @_redis_errors
+    def check(self) -> bool:
+        now = time.time()
+        mine = f"{now:.6f}:{os.getpid()}"
+        r, k = self.store.r, self.store.k
+        pipe = r.pipeline(transaction=False)
+        pipe.set(k.epoch, mine, nx=True)
+        pipe.get(k.epoch)
+        created, value = pipe.execute()
+        current = value.decode() if isinstance(value, bytes) else str(value or mine)
+        wiped = self.seen is not None and (created or current != self.seen)
+        self.seen = current
+        if not wiped:
+            return False
+        self.reset_at = now
+        if r.set(k.prefix + "reset:" + current, "1", nx=True, ex=7 * 86400):
+            pipe = r.pipeline(transaction=False)
+            pipe.hincrby(k.counters, "state_resets", 1)
+            pipe.hset(k.counters, "state_reset_at", int(now))
+            pipe.execute()
+        return True

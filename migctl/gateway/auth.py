@@ -16,12 +16,13 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 
-from migctl.adapters.redis_store import RedisStore
+from migctl.adapters.redis_store import RedisStore, StateEpoch
 from migctl.gateway.identity import GOOGLE_CERTS_URL, IdentityRefused, IdentityVerifier
 from migctl.settings import ConfigError, Settings
 from migctl.wire.miglet import commands_pb2 as pb
@@ -63,6 +64,10 @@ class Authenticator:
         self.settings = settings
         self.store = store
         self.mode = settings.server.auth_mode
+        # Notices a wiped Redis (shared with the gateway's loop, which ends the streams);
+        # for a while after one, an unknown VM is told to retry, not refused.
+        self.epoch = StateEpoch(store)
+        self.rebuild_grace = max(60.0, 3 * settings.vm_manager.poll_interval)
         self.verifier = verifier
         if self.mode == "gce-identity" and verifier is None:
             if not settings.server.identity_audience:
@@ -107,8 +112,20 @@ class Authenticator:
         if hello.pool_id and hello.pool_id != pool:
             return Verdict("wrong_pool", f"pool {hello.pool_id!r} is not served here ({pool!r})")
         if self.store.get_vm(vm_id) is None:
+            if self.rebuilding():
+                # The state was just lost: the sync may not have listed it yet.
+                return Verdict(
+                    "unknown_vm",
+                    f"VM {vm_id!r} not known yet: the controller is rebuilding its state; retry",
+                    grpc.StatusCode.UNAVAILABLE,
+                )
             return Verdict("unknown_vm", f"unknown VM {vm_id!r}: not a member of pool {pool!r}")
         return ADMITTED
+
+    def rebuilding(self) -> bool:
+        """The state was lost lately, so the sync may not have listed this VM yet."""
+        self.epoch.check()  # a wipe the gateway's loop has not looked for yet
+        return time.time() < self.epoch.reset_at + self.rebuild_grace
 
     def first_use(self, digest: str, expires_at: float) -> bool:
         """Remember a token until it expires; False if it was seen already (any replica)."""

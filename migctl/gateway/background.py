@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+import grpc
 import redis.asyncio as aioredis
 
 from migctl.gateway import stats
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_FLUSH_S = 1.0
 # Pub/sub is at-most-once; a command whose wake-up was lost waits at most this long.
 OUTBOX_SWEEP_S = 30.0
+EPOCH_CHECK_S = 2.0  # how soon a wiped Redis is noticed
 
 
 async def wakeups(gw: Gateway) -> None:
@@ -77,6 +79,33 @@ async def sweep_loop(gw: Gateway) -> None:
     while True:
         await asyncio.sleep(OUTBOX_SWEEP_S)
         await sweep(gw)
+
+
+async def epoch_loop(gw: Gateway) -> None:
+    """Notice that Redis lost its data (FLUSHALL, an empty restart): every session's
+    record went with it. End every stream so each agent reconnects and reports its state
+    afresh to the record the GCloud sync rebuilds; meanwhile an agent whose VM is not
+    rediscovered yet is told to retry, not refused (`Authenticator.rebuilding`)."""
+    epoch = gw.auth.epoch
+    handled = 0.0
+    while True:
+        try:
+            await gw.relay.run(epoch.check)
+        except Exception as exc:
+            log.debug("state epoch check failed: %s", exc)
+        if epoch.reset_at > handled:
+            handled = epoch.reset_at
+            gw.beats = {}
+            n = gw.sessions.close_all(
+                grpc.StatusCode.UNAVAILABLE, "controller state was reset; reconnect"
+            )
+            log.error(
+                "gateway %s: the controller's Redis lost its data; ended %d streams so their "
+                "agents reconnect and report afresh",
+                gw.id,
+                n,
+            )
+        await asyncio.sleep(EPOCH_CHECK_S)
 
 
 async def flush_loop(gw: Gateway) -> None:

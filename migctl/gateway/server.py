@@ -102,6 +102,7 @@ class Gateway(pb_grpc.CommandServiceServicer):
             asyncio.create_task(background.wakeups(self)),
             asyncio.create_task(background.flush_loop(self)),
             asyncio.create_task(background.sweep_loop(self)),
+            asyncio.create_task(background.epoch_loop(self)),
         ]
 
     async def shutdown(self, grace: float) -> None:

@@ -140,7 +140,14 @@ class RedisIntake:
             if got is None:
                 # Its end arrived first: remember it, so a late `queued` is a duplicate.
                 now = self.clock.now()
-                job = self._job(event, state, reason=reason, conclusion=conclusion, finished_at=now)
+                job = self._job(
+                    event,
+                    state,
+                    reason=reason,
+                    conclusion=conclusion,
+                    finished_at=now,
+                    vm_id=event.runner_name,  # where GitHub says it ran, if it did
+                )
                 try:
                     self.store.save(t.Change(jobs={job.id: job}), {})
                     return Outcome.UPDATED

@@ -71,6 +71,12 @@ class Pool:
 
     def _provision(self) -> Report:
         report = Report()
+        if not self.store.synced_at():
+            # No VM records to trust yet (a first start, or Redis lost its data): list
+            # the provider first, or the pool would be scaled past max_vms blind.
+            self.sync()
+            if not self.store.synced_at():
+                raise TemporaryError("waiting for the first GCloud sync", delay=1.0)
         now = self.clock.now()
         vms = [vm for vm, _ in self.store.get_vms()]
         demand = self.store.queue_length() + self.settings.vm_manager.min_ready_vms
@@ -194,6 +200,7 @@ class Pool:
                     continue
                 self._lose(name, "gone from the MIG")
                 report.add("lost", [name])
+            self.store.mark_synced(now)
         return report
 
     def _keep_standby_policy(self, report: Report) -> None:

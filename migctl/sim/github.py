@@ -52,6 +52,9 @@ _ROUTES = (
     ("GET", "{scope}/actions/runners/{runner_id}", "_get_runner"),
     ("DELETE", "{scope}/actions/runners/{runner_id}", "_delete_runner"),
     ("GET", "/orgs/{org}/actions/runner-groups", "_runner_groups"),
+    ("GET", "/installation/repositories", "_installation_repos"),
+    ("GET", "/repos/{owner}/{repo}/actions/runs", "_list_runs"),
+    ("GET", "/repos/{owner}/{repo}/actions/runs/{run_id}/jobs", "_list_run_jobs"),
     ("POST", "/_sim/runners", "_sim_register"),
     ("GET", "/_sim/runners/{runner_id}/job", "_sim_next_job"),
     ("POST", "/_sim/runners/{runner_id}/complete", "_sim_complete"),
@@ -66,7 +69,11 @@ _ROUTES = (
 
 def _placeholder(match: re.Match[str]) -> str:
     name = match.group(1)
-    return f"(?P<{name}>\\d+)" if name in ("inst", "runner_id", "job_id") else f"(?P<{name}>[^/]+)"
+    return (
+        f"(?P<{name}>\\d+)"
+        if name in ("inst", "runner_id", "job_id", "run_id")
+        else f"(?P<{name}>[^/]+)"
+    )
 
 
 def _compile() -> list[tuple[str, re.Pattern[str], str, str]]:
@@ -633,8 +640,11 @@ class FakeGitHub:
             raise _HttpError(422, "per_page and page must be integers") from exc
         last = max(1, math.ceil(len(items) / per_page))
 
+        kept = "".join(f"&{k}={v}" for k, v in req.query.items() if k not in ("page", "per_page"))
+
         def link(number: int, rel: str) -> str:
-            return f'<{self.url}{req.path}?per_page={per_page}&page={number}>; rel="{rel}"'
+            query = f"per_page={per_page}&page={number}{kept}"
+            return f'<{self.url}{req.path}?{query}>; rel="{rel}"'
 
         links = []
         if page < last:
@@ -643,6 +653,76 @@ class FakeGitHub:
             links += [link(page - 1, "prev"), link(1, "first")]
         chunk = items[(page - 1) * per_page : page * per_page]
         return chunk, ({"Link": ", ".join(links)} if links else {})
+
+    def _installation_repos(self, req: _Req) -> tuple[int, Any, dict[str, str]]:
+        """The repositories the installation can reach: here, every repo that has jobs
+        under the installation's account."""
+        with self._lock:
+            token = self._tokens.get(self._bearer(req))
+            if token is None or token.kind != "installation" or token.expires_at <= self._clock():
+                raise _HttpError(401, "Bad credentials")
+            account = self._installations.get(token.installation_id)
+            repos = sorted(
+                {j.repo for j in self._jobs.values() if account in ("*", j.repo.split("/")[0])}
+            )
+        items = [
+            {"id": self._repo_id(r), "full_name": r, "owner": {"login": r.split("/")[0]}}
+            for r in repos
+        ]
+        page, links = self._page(items, req)
+        return 200, {"total_count": len(items), "repositories": page}, links
+
+    def _repo_id(self, repo: str) -> int:
+        return self._repo_ids.setdefault(repo, next(self._ids))
+
+    def _runs(self, repo: str) -> dict[str, list[_Job]]:
+        runs: dict[str, list[_Job]] = {}
+        for job in self._jobs.values():
+            if job.repo == repo:
+                runs.setdefault(job.run_id, []).append(job)
+        return runs
+
+    @staticmethod
+    def _run_status(jobs: list[_Job]) -> str:
+        states = {j.state for j in jobs}
+        if states <= {"queued"}:
+            return "queued"
+        if states <= {"completed", "cancelled"}:
+            return "completed"
+        return "in_progress"
+
+    def _list_runs(self, req: _Req) -> tuple[int, Any, dict[str, str]]:
+        self._require_installation(req, req.target)
+        wanted = req.query.get("status", "")
+        with self._lock:
+            items = [
+                {"id": int(run_id), "status": status, "repository": {"full_name": req.target}}
+                for run_id, jobs in self._runs(req.target).items()
+                if (status := self._run_status(jobs)) == wanted or not wanted
+            ]
+        page, links = self._page(items, req)
+        return 200, {"total_count": len(items), "workflow_runs": page}, links
+
+    def _list_run_jobs(self, req: _Req) -> tuple[int, Any, dict[str, str]]:
+        self._require_installation(req, req.target)
+        with self._lock:
+            jobs = self._runs(req.target).get(req.params["run_id"])
+            if jobs is None:
+                raise _HttpError(404, "Not Found")
+            items = [
+                {
+                    "id": int(j.job_id),
+                    "run_id": int(j.run_id),
+                    "status": "completed" if j.state == "cancelled" else j.state,
+                    "conclusion": j.conclusion or None,
+                    "labels": list(j.labels),
+                    "runner_id": j.runner_id,
+                    "runner_name": j.runner_name or None,
+                }
+                for j in jobs
+            ]
+        page, links = self._page(items, req)
+        return 200, {"total_count": len(items), "jobs": page}, links
 
     def _runner_json(self, runner: _Runner) -> dict[str, Any]:
         return {

@@ -152,6 +152,7 @@ class StackOptions:
     agent_options: dict[str, Any] = field(default_factory=dict)  # e.g. duplicate_events=True
     publish_copies: int = 1  # >1: every job message is published that many times (fault tests)
     lost_runner_timeout: float = 5.0  # fake GitHub fails a job whose runner went silent
+    separate_mig: bool = False  # the simulated MIG in its own redis-server (FLUSHALL tests)
 
 
 class LocalStack:
@@ -159,6 +160,7 @@ class LocalStack:
         self.o = options or StackOptions()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="migctl-up-"))
         self.redis_server: RedisServer | None = None
+        self.mig_redis_server: RedisServer | None = None
         self.redis_url = self.o.redis_url
         self.github: FakeGitHub | None = None
         self.emulator: Any = None
@@ -188,6 +190,12 @@ class LocalStack:
             self.redis_server = RedisServer(self.workdir).start()
             self.redis_url = self.redis_server.url
         self.redis = redis.Redis.from_url(self.redis_url)
+        self.mig_redis_url = self.redis_url
+        if self.o.separate_mig:
+            (self.workdir / "mig-redis").mkdir(exist_ok=True)
+            self.mig_redis_server = RedisServer(self.workdir / "mig-redis").start()
+            self.mig_redis_url = self.mig_redis_server.url
+        self.mig_redis = redis.Redis.from_url(self.mig_redis_url)
         private_pem, public_pem = generate_app_key()
         key_path = self.workdir / "github-app-key.pem"
         key_path.write_bytes(private_pem)
@@ -279,6 +287,7 @@ class LocalStack:
                 "create_s": self.o.create_s,
                 "heartbeat_interval": self.o.heartbeat_interval,
                 "job_duration": self.o.job_duration,
+                "redis_url": self.mig_redis_url if self.o.separate_mig else "",
             },
         }
         for path, value in self.o.extra.items():
@@ -335,7 +344,7 @@ class LocalStack:
             self._fleet_loop = loop
             asyncio.set_event_loop(loop)
             self._fleet_stop = asyncio.Event()
-            mig = SimMig(redis.Redis.from_url(self.redis_url), POOL)
+            mig = SimMig(redis.Redis.from_url(self.mig_redis_url), POOL)
             assert self.github is not None
             self.fleet = Fleet(
                 mig,
@@ -470,3 +479,5 @@ class LocalStack:
             self.github.stop()
         if self.redis_server is not None:
             self.redis_server.stop()
+        if self.mig_redis_server is not None:
+            self.mig_redis_server.stop()

@@ -33,8 +33,11 @@ class MigctlScheduler(RedBeatScheduler):  # type: ignore[misc]
                 logger.warning("beat: Redis unavailable at start (%s); retrying", exc)
                 time.sleep(RETRY_S)
 
+    _epoch: Any = None
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
+            self._notice_wipe()
             return float(super().tick(*args, **kwargs))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("beat: Redis unavailable (%s); retrying in %.0fs", exc, RETRY_S)
@@ -43,6 +46,28 @@ class MigctlScheduler(RedBeatScheduler):  # type: ignore[misc]
             logger.warning("beat: lost the schedule lock; waiting to take it again")
             self._reacquire()
             return RETRY_S
+
+    def _notice_wipe(self) -> None:
+        """Redis lost its data (FLUSHALL, an empty restart): the schedule went with it.
+        Put it back and start the recovery (VMs from the provider, jobs from GitHub)."""
+        if self._epoch is None:
+            from migctl.adapters.redis_store import StateEpoch
+            from migctl.runtime import runtime
+
+            self._epoch = StateEpoch(runtime().store)
+        try:
+            wiped = self._epoch.check()
+        except Exception as exc:  # Redis down: the tick's own call reports it
+            logger.debug("beat: state epoch check failed: %s", exc)
+            return
+        if not wiped:
+            return
+        logger.error(
+            "beat: the controller's Redis lost its data (state epoch gone); restoring the "
+            "schedule and recovering VMs from the provider and queued jobs from GitHub"
+        )
+        super().setup_schedule()
+        self.app.send_task("migctl.recover")
 
     def _reacquire(self) -> None:
         if self.lock is None:

@@ -15,6 +15,7 @@ ROUTES = {
     "migctl.reconcile": "reconcile",
     "migctl.canary": "reconcile",
     "migctl.hygiene": "reconcile",
+    "migctl.recover": "vm",
 }
 KINDS = ("assign", "vm", "events", "reconcile")
 

@@ -90,6 +90,12 @@ def hygiene(self: Task) -> dict[str, list[str]]:
     return _retrying(self, lambda: runtime().hygiene.run().actions)
 
 
+@shared_task(name="migctl.recover", bind=True)
+def recover(self: Task) -> dict[str, list[str]]:
+    """After a state wipe (beat noticed): VMs from the provider, queued jobs from GitHub."""
+    return _retrying(self, lambda: runtime().recovery.run().actions)
+
+
 @shared_task(name="migctl.canary")
 def canary() -> float:
     """Proves a worker consumes: /ready checks how long ago this last ran."""

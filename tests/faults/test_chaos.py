@@ -44,7 +44,7 @@ def test_duplicates_second_bridge_two_beats_and_failing_providers(tmp_path) -> N
         stack._spawn("beat2", "beat")
         assert stack.github is not None
         store = RedisStore(stack.redis, POOL)
-        mig = SimMig(stack.redis, POOL)
+        mig = SimMig(stack.mig_redis, POOL)
         ids: list[str] = []
         faults = {
             "mig_temporary": 0,

@@ -47,7 +47,7 @@ def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
     ).start()
     try:
         store = RedisStore(stack.redis, POOL)
-        mig = SimMig(stack.redis, POOL)
+        mig = SimMig(stack.mig_redis, POOL)
         ids: list[str] = []
         vanished: dict[str, str] = {}  # job id -> the VM it was running on
         vanished_at: dict[str, float] = {}

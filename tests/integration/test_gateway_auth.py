@@ -242,3 +242,41 @@ def test_tls_settings_errors_name_the_setting(tmp_path: Path) -> None:
                 tls_key_file=str(tmp_path / "missing.pem"),
             )
         )
+
+
+# -- a wiped Redis ------------------------------------------------------------------------------
+
+
+def test_after_a_wipe_streams_end_and_unknown_vms_are_told_to_retry(
+    redis_url: str, store: RedisStore
+) -> None:
+    settings = settings_for("pool-a")
+
+    async def scenario() -> None:
+        async with running_gateway(settings, redis_url) as app:
+            held = await attempt(app.port, "vm-1")
+            assert held.connect_ack is not None and held.connect_ack.accepted
+            # Before any wipe an unknown VM is refused for good.
+            stranger = await attempt(app.port, "vm-404")
+            assert stranger.connect_ack is not None and not stranger.connect_ack.accepted
+            await stranger.drop()
+
+            store.r.flushall()  # the records, the sessions and the state epoch go
+            await asyncio.wait_for(held.ended.wait(), 10)
+            assert held.status == grpc.StatusCode.UNAVAILABLE, held.details
+            assert "state was reset" in held.details
+
+            # Its VM is not listed again yet: the agent is told to retry, not refused.
+            again = await attempt(app.port, "vm-1")
+            assert again.connect_ack is None and again.status == grpc.StatusCode.UNAVAILABLE
+            assert "rebuilding" in again.details
+            await again.drop()
+
+            add_vm(store, "vm-1")  # the GCloud sync lists it again
+            back = await attempt(app.port, "vm-1")
+            assert back.connect_ack is not None and back.connect_ack.accepted
+            assert store.counters().get("state_resets") == 1
+            await back.close()
+
+    asyncio.run(scenario())
+    assert_no_leaks()

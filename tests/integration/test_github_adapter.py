@@ -570,3 +570,33 @@ def test_on_event_failure_is_contained(fake: FakeGitHub, caplog: pytest.LogCaptu
     job = fake.add_job("acme/app", LABELS)
     assert fake.job(job["job_id"])["state"] == "queued"
     assert "on_event failed" in caplog.text
+
+
+# -- GitHub's queue, read back ------------------------------------------------------------------
+
+
+def test_queued_jobs_are_read_back_from_the_rest_api(app: GithubApp, fake: FakeGitHub, runner):
+    waiting = [fake.add_job(f"acme/app-{i % 3}", LABELS)["job_id"] for i in range(7)]
+    elsewhere = fake.add_job("other-org/app", LABELS)["job_id"]  # not the scope's org
+    started = fake.add_job("acme/app-0", LABELS)["job_id"]
+    runner_id = _register(app, runner, "vm-1")
+    # The oldest queued job goes to the runner: it is in progress, not queued.
+    taken = runner.next_job(runner_id, wait=0)
+    assert taken is not None
+    waiting.remove(taken["job_id"])
+    waiting.append(started)
+    fake.cancel_job(waiting.pop(0))  # a cancelled one is not queued either
+
+    found = app.queued_jobs(ORG)
+
+    assert sorted(j.job_id for j in found) == sorted(waiting)
+    assert elsewhere not in {j.job_id for j in found}
+    one = next(j for j in found if j.job_id == started)
+    assert (one.repo, one.labels) == ("acme/app-0", tuple(LABELS))
+    assert one.run_id == fake.job(started)["run_id"]
+    assert fake.calls["GET /installation/repositories"] == 1
+
+
+def test_queued_jobs_follow_pages(app: GithubApp, fake: FakeGitHub):
+    ids = {fake.add_job("acme/busy", LABELS)["job_id"] for _ in range(130)}
+    assert {j.job_id for j in app.queued_jobs(ORG)} == ids

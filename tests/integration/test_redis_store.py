@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from migctl.adapters.redis_store import Conflict, RedisStore
+from migctl.adapters.redis_store import Conflict, RedisStore, StateEpoch
 from migctl.domain.model import AgentState, InfraStatus, Job, JobState, Lifecycle, Vm
 from migctl.domain.states import is_free
 from migctl.domain.transitions import Change
@@ -698,3 +698,24 @@ def test_pools_do_not_see_each_other(store: RedisStore, r: redis.Redis) -> None:
         key.decode().startswith(("migctl:{store-test}:", "migctl:{another-pool}:"))
         for key in r.keys("*")
     )
+
+
+# -- the state epoch -----------------------------------------------------------------------------
+
+
+def test_state_epoch_notices_a_wipe_once_and_counts_it_once(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    first, second = RedisStore(client, "pool-e"), RedisStore(client, "pool-e")
+    gateway, beat = StateEpoch(first), StateEpoch(second)
+    assert not gateway.check() and not beat.check()  # a first start is not a wipe
+    assert not gateway.check() and not beat.check()
+    client.flushall()
+    assert gateway.check()  # it makes the key again: a wipe
+    assert beat.check()  # the value it remembered changed: the same wipe
+    assert not gateway.check() and not beat.check()  # once each
+    counters = first.counters()
+    assert counters["state_resets"] == 1
+    assert counters["state_reset_at"] >= int(beat.reset_at) - 1
+    fresh = StateEpoch(RedisStore(client, "pool-e"))
+    assert not fresh.check()  # a process that never saw the old data cannot tell
+    client.close()
