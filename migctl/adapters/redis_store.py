@@ -40,6 +40,7 @@ class Keys:
         p = self.prefix
         self.queue = p + "queue"  # zset: QUEUED job ids by priority, then arrival
         self.assigned = p + "assigned"  # zset: ASSIGNED job ids by assigned_at
+        self.lost = p + "lost"  # zset: RUNNING job ids whose VM was lost, by lost_at
         self.recent = p + "recent"  # zset: finished job ids by finished_at
         self.vms = p + "vms"  # set: every VM id the pool knows
         self.free = p + "free"  # zset: free VM ids by last_active
@@ -160,6 +161,11 @@ class RedisStore:
     @_redis_errors
     def assigned_before(self, deadline: float) -> list[str]:
         return [_s(i) for i in self.r.zrangebyscore(self.k.assigned, "-inf", deadline)]
+
+    @_redis_errors
+    def lost_before(self, deadline: float) -> list[str]:
+        """RUNNING jobs whose VM was lost before `deadline`, still without GitHub's end."""
+        return [_s(i) for i in self.r.zrangebyscore(self.k.lost, "-inf", deadline)]
 
     @_redis_errors
     def inflight_before(self, deadline: float) -> list[str]:
@@ -359,6 +365,7 @@ class RedisStore:
         keys += [
             self.k.queue,
             self.k.assigned,
+            self.k.lost,
             self.k.recent,
             self.k.vms,
             self.k.free,
@@ -377,6 +384,10 @@ class RedisStore:
             ops["zadd"].append([self.k.assigned, job.assigned_at, job.id])
         else:
             ops["zrem"].append([self.k.assigned, job.id])
+        if job.state is JobState.RUNNING and job.lost_at:
+            ops["zadd"].append([self.k.lost, job.lost_at, job.id])
+        else:
+            ops["zrem"].append([self.k.lost, job.id])
         if job.state.terminal:
             ops["zadd"].append([self.k.recent, job.finished_at or job.updated_at, job.id])
             ops["expire"].append([key, FINISHED_JOB_TTL])

@@ -127,6 +127,7 @@ class Job:
     started_at: float = 0.0
     finished_at: float = 0.0
     conclusion: str = ""  # success / failure / cancelled, as the runner or GitHub said
+    lost_at: float = 0.0  # RUNNING, but its VM was lost then: GitHub will fail it
 
     def with_(self, **changes: object) -> Job:
         return replace(self, **changes)  # type: ignore[arg-type]

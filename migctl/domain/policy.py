@@ -51,7 +51,7 @@ def health_plan(
             if vm.unhealthy and (not holds_job or silent > 2 * heartbeat_timeout):
                 replace.append(vm.id)
                 reasons[vm.id] = f"unhealthy, silent for {silent:.0f}s" + (
-                    " (job requeued)" if holds_job else ""
+                    " (it holds a job)" if holds_job else ""
                 )
         elif vm.unhealthy and vm.connected and silent <= heartbeat_timeout:
             healthy.append(vm.id)

@@ -51,7 +51,7 @@ def requeue(job: Job, now: float, reason: str, max_retries: int, *, count: bool 
             finished_at=now,
         )
     return job.with_(
-        state=JobState.QUEUED, vm_id="", retries=retries, reason=reason, updated_at=now
+        state=JobState.QUEUED, vm_id="", retries=retries, reason=reason, updated_at=now, lost_at=0.0
     )
 
 
@@ -120,6 +120,7 @@ def job_started(
     change.job(
         job.with_(
             state=JobState.RUNNING,
+            lost_at=0.0,
             vm_id=vm.id,
             run_id=job.run_id or run_id,
             started_at=now,
@@ -264,16 +265,40 @@ def assignment_timed_out(job: Job, vm: Vm | None, *, now: float, max_retries: in
     return change
 
 
+def lost_job_expired(job: Job, *, now: float, after: float) -> Change:
+    """A job whose VM was lost while running it, with no word from GitHub since: its
+    `completed` was lost too. It cannot run again (GitHub will not hand it out twice), so
+    it ends FAILED rather than holding demand forever."""
+    change = Change()
+    if job.state is not JobState.RUNNING or not job.lost_at:
+        return change
+    reason = (
+        f"its VM {job.vm_id} was lost while running it and GitHub never reported its end "
+        f"within {after:.0f}s"
+    )
+    change.job(job.with_(state=JobState.FAILED, reason=reason, updated_at=now, finished_at=now))
+    return change
+
+
 def vm_lost(
     vm: Vm, running: Job | None, reserved: Job | None, *, now: float, max_retries: int
 ) -> Change:
-    """The VM is gone or replaced: its jobs go back to the queue (bounded)."""
+    """The VM is gone or replaced. A job GitHub had handed its runner stays RUNNING there,
+    marked lost: GitHub fails it once it notices the runner is gone, and will never hand
+    it to another runner, so queueing it again would only boot a VM for nothing (the
+    sweep ends it if GitHub never says, `lost_job_expired`). A job only reserved on it
+    goes back to the queue (bounded)."""
     change = Change()
     for job in (running, reserved):
-        if job is not None and not job.state.terminal and job.vm_id == vm.id:
-            new = change.job(requeue(job, now, f"VM {vm.id} was lost", max_retries))
-            if new.state is JobState.QUEUED:
-                change.requeued.append(new.id)
+        if job is None or job.state.terminal or job.vm_id != vm.id:
+            continue
+        if job.state is JobState.RUNNING:
+            reason = f"VM {vm.id} was lost while running it; GitHub settles it"
+            change.job(job.with_(lost_at=now, reason=reason, updated_at=now))
+            continue
+        new = change.job(requeue(job, now, f"VM {vm.id} was lost", max_retries))
+        if new.state is JobState.QUEUED:
+            change.requeued.append(new.id)
     change.vm(
         vm.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, connected=False)
     )

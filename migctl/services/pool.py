@@ -32,6 +32,9 @@ LIST_GRACE_S = 60.0
 COMMAND_LIFE_S = 3000.0
 # An ASSIGNED job is looked at again after this, to finish a registration never sent.
 STALE_ASSIGNMENT_S = 10.0
+# GitHub fails a lost runner's job within minutes; a RUNNING job whose VM was lost and
+# still has no word from GitHub after this lost its `completed` too: it ends FAILED.
+LOST_JOB_S = 1800.0
 
 
 @dataclass
@@ -268,6 +271,9 @@ class Pool:
         for job_id in self.store.assigned_before(now - sched.assignment_timeout):
             if self._timeout_assignment(job_id, now):
                 report.add("assignment_timeout", [job_id])
+        for job_id in self.store.lost_before(now - LOST_JOB_S)[:100]:
+            if self._expire_lost(job_id, now):
+                report.add("lost_job_expired", [job_id])
         # A command no agent acked within its life (the agent restarted after it expired,
         # so no reconnect replays it): fail it like a refused ack, or the VM is never free.
         for vm_id in self.store.inflight_before(now - COMMAND_LIFE_S):
@@ -371,6 +377,23 @@ class Pool:
             for job_id in change.requeued:
                 self.dispatch.assign_job(job_id)
             return
+
+    def _expire_lost(self, job_id: str, now: float) -> bool:
+        for _ in range(5):
+            got = self.store.get_job(job_id)
+            if got is None:
+                return False
+            job, rev = got
+            change = t.lost_job_expired(job, now=now, after=LOST_JOB_S)
+            if change.empty:
+                return False
+            try:
+                self.store.save(change, {f"job:{job_id}": rev}, counters={"failed_jobs": 1})
+            except Conflict:
+                continue
+            log.warning("job %s: %s", job_id, change.jobs[job_id].reason)
+            return True
+        return False
 
     def _timeout_assignment(self, job_id: str, now: float) -> bool:
         for _ in range(5):

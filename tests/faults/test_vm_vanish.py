@@ -30,7 +30,18 @@ def running_job(stack: LocalStack) -> tuple[str, str] | None:
     return None
 
 
-def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
+# Who notices first: GitHub (its lost-runner timeout shorter than the controller's
+# health sweep), or the controller (as with real GitHub, which takes minutes): then the
+# job must wait, bound to its lost VM, for GitHub's verdict, not be queued again.
+ORDERS = {
+    "github_first": {"lost_runner_timeout": 3.0, "heartbeat_timeout": "20s"},
+    "controller_first": {"lost_runner_timeout": 25.0, "heartbeat_timeout": "6s"},
+}
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_vms_vanishing_mid_job_lose_no_job(order: str, tmp_path) -> None:
+    timings = ORDERS[order]
     stack = LocalStack(
         StackOptions(
             use_emulator=False,
@@ -39,9 +50,13 @@ def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
             max_vms=10,
             job_duration=2.0,
             create_s=1.0,
-            lost_runner_timeout=3.0,
+            heartbeat_interval=1.0,
+            lost_runner_timeout=float(timings["lost_runner_timeout"]),
             log_level="info",
-            extra={"scheduler.assignment_timeout": "20s"},
+            extra={
+                "scheduler.assignment_timeout": "20s",
+                "vm_manager.heartbeat_timeout": timings["heartbeat_timeout"],
+            },
         ),
         workdir=tmp_path,
     ).start()
@@ -50,7 +65,6 @@ def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
         mig = SimMig(stack.mig_redis, POOL)
         ids: list[str] = []
         vanished: dict[str, str] = {}  # job id -> the VM it was running on
-        vanished_at: dict[str, float] = {}
         rounds = 0
         while len(ids) < JOBS or len(vanished) < VANISH:
             rounds += 1
@@ -63,7 +77,7 @@ def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
             caught = running_job(stack)
             if caught is not None and caught[1] in ids and caught[1] not in vanished:
                 mig.vanish(caught[0])
-                vanished[caught[1]], vanished_at[caught[1]] = caught[0], time.time()
+                vanished[caught[1]] = caught[0]
         started = time.monotonic()
         wait_all_terminal(stack, store, ids, 300)
         settled = time.monotonic() - started
@@ -71,19 +85,26 @@ def test_vms_vanishing_mid_job_lose_no_job(tmp_path) -> None:
         assert stack.github is not None
         gh = {j["job_id"]: j for j in stack.github.jobs()}
         failed = {i for i in ids if gh[i]["conclusion"] == "failure"}
-        # Only jobs whose VM vanished failed (GitHub lost their runners); one that beat
-        # the fleet noticing its VM was gone finished before the vanishing.
-        assert failed <= set(vanished), (failed, vanished)
-        for job_id in set(vanished) - failed:
-            assert gh[job_id]["completed_at"] <= vanished_at[job_id] + 1.0, gh[job_id]
-        assert len(failed) >= VANISH - 2, f"only {len(failed)} vanishings landed mid-job"
+        # Only jobs on a VM that vanished failed (GitHub lost their runners): the job we saw
+        # there, or one its runner took in the moment before the VM's agent went.
+        gone = set(vanished.values())
+        assert all(gh[i]["runner_name"] in gone for i in failed), (failed, vanished)
+        # (A job we saw on a vanishing VM may still have finished first: the fleet notices
+        # the VM is gone within its poll; it then succeeded, bound and counted as any.)
+        assert len(failed) >= 2, f"only {len(failed)} vanishings landed mid-job"
         assert stack.github.lost_runners == len(failed)
         ours = {job.id: job for job, _ in store.get_jobs(list(vanished))}
         assert {i: j.vm_id for i, j in ours.items()} == vanished  # bound where it ran
+        # Which side noticed first: the controller marks a job whose VM it lost.
+        first = [i for i in failed if 0 < ours[i].lost_at < gh[i]["completed_at"]]
+        if order == "controller_first":
+            assert first, "the controller never noticed a vanished VM before GitHub did"
+        assert counters.get("requeued_jobs", 0) == 0, counters  # none queued again
         world = check_no_orphans(stack)
         print(
-            f"{len(ids)} jobs, {VANISH} VMs vanished mid-job -> {len(failed)} failed on GitHub "
-            f"(lost runners), 0 lost, 0 doubled; requeued {counters.get('requeued_jobs', 0)}; "
+            f"{order}: {len(ids)} jobs, {VANISH} VMs vanished mid-job -> {len(failed)} failed "
+            f"on GitHub, {len(first)} of them marked lost by the controller first; "
+            f"0 lost, 0 doubled; requeued {counters.get('requeued_jobs', 0)}; "
             f"all terminal {settled:.1f}s after the last fault; settled world {world}"
         )
     finally:

@@ -157,7 +157,7 @@ def test_a_vm_that_starts_a_job_during_its_drain_keeps_it(world) -> None:
     assert store.get_job("j1")[0].state is JobState.RUNNING
 
 
-def test_a_silent_vm_is_replaced_and_its_job_requeued(world) -> None:
+def test_a_silent_vm_is_replaced_and_its_running_job_left_to_github(world) -> None:
     store, mig, dispatch, clock, pool = world
     mig.create(["vm-1", "vm-2"])
     clock.t += 10
@@ -177,10 +177,22 @@ def test_a_silent_vm_is_replaced_and_its_job_requeued(world) -> None:
     clock.t += 60
     report = p.sweep()
     assert report.actions.get("replace") == ["vm-2"]  # its job after a grace period
-    assert store.get_job("j1")[0].state is JobState.QUEUED
-    assert ("assign_job", "j1") in dispatch.calls
+    # GitHub had handed j1 to vm-2's runner: it fails it there and will not hand it out
+    # again, so it is not queued (a VM would boot for nothing); it waits for GitHub.
+    lost = store.get_job("j1")[0]
+    assert (lost.state, lost.vm_id, lost.lost_at) == (JobState.RUNNING, "vm-2", clock.t)
+    assert ("assign_job", "j1") not in dispatch.calls
+    assert store.lost_before(clock.t) == ["j1"]
     statuses = {v.name: v.status for v in mig.list()}
     assert statuses == {"vm-2": InfraStatus.DELETING}  # vm-1's delete finished a minute ago
+    # If GitHub never says (its `completed` lost as well), the sweep ends it in the end.
+    clock.t += 1801
+    report = p.sweep()
+    assert report.actions.get("lost_job_expired") == ["j1"]
+    ended = store.get_job("j1")[0]
+    assert ended.state is JobState.FAILED and "never reported" in ended.reason
+    assert store.lost_before(clock.t) == []
+    assert store.counters()["failed_jobs"] == 1
 
 
 def test_sync_discovers_new_vms_and_loses_vanished_ones(world) -> None:
@@ -206,7 +218,9 @@ def test_sync_discovers_new_vms_and_loses_vanished_ones(world) -> None:
     report = p.sync()
     assert report.actions.get("lost") == ["vm-1"]
     assert store.get_vm("vm-1") is None
-    assert store.get_job("j1")[0].state is JobState.QUEUED
+    # It was running there: GitHub fails it with its runner; it stays bound, marked lost.
+    job = store.get_job("j1")[0]
+    assert (job.state, job.vm_id, job.lost_at) == (JobState.RUNNING, "vm-1", clock.t)
 
 
 def test_sync_keeps_the_migs_standby_policy_as_configured(redis_url: str) -> None:

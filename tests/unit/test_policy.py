@@ -155,7 +155,7 @@ def test_a_drain_that_met_a_job_is_cancelled_after_drain_timeout() -> None:
             vm("a", last_heartbeat=NOW - 121, unhealthy=True, job_id="j1"),
             (),
             ("a",),
-            id="grace over: replaced (job requeued)",
+            id="grace over: replaced (it holds a job)",
         ),
         pytest.param(
             vm(

@@ -833,16 +833,32 @@ def lost(v: Vm) -> Vm:
     return v.with_(job_id="", reserved_job="", cmd_id="", runner_registered=False, connected=False)
 
 
+def parked(j: Job) -> Job:
+    return j.with_(
+        lost_at=NOW, reason="VM v was lost while running it; GitHub settles it", updated_at=NOW
+    )
+
+
 # (id, vm, running, reserved, expected)
 VM_LOST: list[tuple[str, Vm, Job | None, Job | None, Expect]] = [
     ("empty", vm("v"), None, None, Expect(vms={"v": lost(vm("v"))})),
     (
-        "running-requeued",
+        # GitHub had handed it to the lost runner: it fails there, never runs elsewhere.
+        "running-kept-for-github",
         RUNNING_V,
         A_RUNNING,
         None,
+        Expect(jobs={"a": parked(A_RUNNING)}, vms={"v": lost(RUNNING_V)}),
+    ),
+    (
+        "running-and-reserved",
+        RUNNING_V.with_(reserved_job="b"),
+        A_RUNNING,
+        assigned("b", "v"),
         Expect(
-            jobs={"a": back(A_RUNNING, LOST, retries=1)}, vms={"v": lost(RUNNING_V)}, requeued=["a"]
+            jobs={"a": parked(A_RUNNING), "b": back(assigned("b", "v"), LOST, retries=1)},
+            vms={"v": lost(RUNNING_V)},
+            requeued=["b"],
         ),
     ),
     (
@@ -854,10 +870,10 @@ VM_LOST: list[tuple[str, Vm, Job | None, Job | None, Expect]] = [
     ),
     (
         "bounded",
-        RUNNING_V,
-        A_RUNNING.with_(retries=MAX),
+        V.with_(cmd_id="c1"),
         None,
-        Expect(jobs={"a": gave_up(A_RUNNING.with_(retries=MAX), LOST)}, vms={"v": lost(RUNNING_V)}),
+        A_ON_V.with_(retries=MAX),
+        Expect(jobs={"a": gave_up(A_ON_V.with_(retries=MAX), LOST)}, vms={"v": lost(V)}),
     ),
     (
         "terminal-untouched",
@@ -1020,3 +1036,19 @@ def test_parse_bool(text: str, value: bool) -> None:
 )
 def test_event_job(data: dict[str, str], pair: tuple[str, str]) -> None:
     assert t.event_job(data) == pair
+
+
+def test_a_lost_running_job_ends_failed_only_once_github_stayed_silent() -> None:
+    parked_job = parked(A_RUNNING)
+    change = t.lost_job_expired(parked_job, now=NOW + 1800, after=1800)
+    ended = change.jobs["a"]
+    assert (ended.state, ended.finished_at) == (JobState.FAILED, NOW + 1800)
+    assert "GitHub never reported its end" in ended.reason
+    assert t.lost_job_expired(A_RUNNING, now=NOW, after=1800).empty  # not lost
+    done = parked_job.with_(state=JobState.COMPLETED)
+    assert t.lost_job_expired(done, now=NOW, after=1800).empty  # GitHub said meanwhile
+
+
+def test_requeue_and_start_clear_a_lost_mark() -> None:
+    marked = assigned("a", "v").with_(lost_at=EARLIER)
+    assert t.requeue(marked, NOW, "x", MAX).lost_at == 0.0
