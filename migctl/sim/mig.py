@@ -9,6 +9,7 @@ different `SimTimings` still agree on what `list()` shows).
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class SimMig:
 
     def list(self) -> list[ProviderVm]:
         """Every instance, with its status as of now."""
+        self._maybe_fail("list")
         now = self._clock()
         raw = self._call(self._list, [self.key], [now])
         vms = []
@@ -240,6 +242,11 @@ class SimMig:
         }
         self._call(lambda: self._redis.hset(self.faults_key, mapping=fields))
 
+    def fail_rate(self, rate: float) -> None:
+        """From now on (any process), each call fails with this probability, with a
+        TemporaryError like a GCE backend error; 0 stops it."""
+        self._call(lambda: self._redis.hset(self.faults_key, "fail_rate", rate))
+
     def capacity_exhausted_until(self, ts: float) -> None:
         """Until `ts` (this MIG's clock), create and start raise `CapacityExhausted`."""
         self._call(lambda: self._redis.hset(self.faults_key, "capacity_until", ts))
@@ -250,10 +257,16 @@ class SimMig:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _maybe_fail(self, action: str) -> None:
+        rate = self._call(lambda: self._redis.hget(self.faults_key, "fail_rate"))
+        if rate is not None and random.random() < float(rate):
+            raise TemporaryError(f"simulated backend error on {action} (fail_rate {_text(rate)})")
+
     def _apply(self, action: str, names: Sequence[str], duration: float) -> None:
         unique = list(dict.fromkeys(names))
         if not unique:
             return
+        self._maybe_fail(action)
         out = [
             _text(x)
             for x in self._call(

@@ -301,3 +301,22 @@ def test_redis_down_is_a_temporary_error(clock: Clock) -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     with pytest.raises(TemporaryError):
         SimMig(dead, "pool-a", T, clock).list()
+
+
+def test_fail_rate_fails_that_share_of_calls(mig: SimMig) -> None:
+    mig.create(["vm-1"])
+    mig.fail_rate(1.0)
+    with pytest.raises(TemporaryError, match="fail_rate"):
+        mig.list()
+    with pytest.raises(TemporaryError, match="fail_rate"):
+        mig.stop(["vm-1"])
+    mig.fail_rate(0.3)
+    failed = 0
+    for _ in range(400):
+        try:
+            mig.list()
+        except TemporaryError:
+            failed += 1
+    assert 60 <= failed <= 180, failed  # 120 expected; far outside means no randomness
+    mig.fail_rate(0)
+    assert [vm.name for vm in mig.list()] == ["vm-1"]
