@@ -1,9 +1,12 @@
 """Named pause points for fault tests: widen the window between two steps of a task so
 a kill -9 lands inside it. Off unless MIGCTL_FAULT_PAUSES names a point, e.g.
-MIGCTL_FAULT_PAUSES="assign.after_claim=0.3,events.before_save=0.2" (seconds)."""
+MIGCTL_FAULT_PAUSES="assign.after_claim=0.3,events.before_save=0.2" (seconds).
+With MIGCTL_FAULT_MARKS=DIR, a file DIR/<point>.<pid> exists while a process is paused
+there, so a test can kill it exactly then."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from functools import cache
@@ -21,5 +24,16 @@ def _pauses() -> dict[str, float]:
 
 def pause(point: str) -> None:
     seconds = _pauses().get(point)
-    if seconds:
+    if not seconds:
+        return
+    marks = os.environ.get("MIGCTL_FAULT_MARKS", "")
+    mark = os.path.join(marks, f"{point}.{os.getpid()}") if marks else ""
+    if mark:
+        with open(mark, "w"):
+            pass
+    try:
         time.sleep(seconds)
+    finally:
+        if mark:
+            with contextlib.suppress(OSError):
+                os.unlink(mark)
