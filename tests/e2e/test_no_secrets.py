@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 
 from migctl.adapters.redis_store import RedisStore
 from migctl.domain.model import JobState
@@ -289,7 +290,7 @@ def test_no_secret_is_left_in_logs_redis_or_celery_after_20_jobs(
     stack = LocalStack(
         StackOptions(
             use_emulator=False,
-            processes=("bridge", "worker", "beat", "gateway"),
+            processes=("bridge", "worker", "beat", "gateway", "flower"),
             concurrency=4,
             min_ready_vms=2,
             max_vms=8,
@@ -363,6 +364,13 @@ def test_no_secret_is_left_in_logs_redis_or_celery_after_20_jobs(
             assert any(hit.kind == wanted for hit in control), command[:200]
         scanned["registrations seen in flight"] = len(registrations)
 
+        # What people look at: Flower's API (tasks with their args, kwargs and results,
+        # workers), the status page and every API it reads, /stats and /metrics.
+        for where, data in operator_pages(stack, store, ids):
+            scanned["pages"] = scanned.get("pages", 0) + 1
+            search(where, data, secrets, hits)
+        assert scanned["pages"] >= JOBS + 8
+
         for name in list(stack.procs):
             stack.stop_process(name)  # logs complete, flushed
         log_lines = 0
@@ -381,6 +389,38 @@ def test_no_secret_is_left_in_logs_redis_or_celery_after_20_jobs(
         for tap in taps:
             tap.close()
         stack.stop()
+
+
+def operator_pages(
+    stack: LocalStack, store: RedisStore, ids: list[str]
+) -> Iterator[tuple[str, bytes]]:
+    http = f"http://127.0.0.1:{stack.ports['http']}"
+    paths = ["/", "/static/status.js", "/stats", "/metrics"]
+    paths += [f"/api/v1/pools/{POOL}/{what}" for what in ("stats", "vms", "jobs", "deadletters")]
+    paths += [f"/api/v1/vms/{vm.id}" for vm, _ in store.get_vms()]
+    paths += [f"/api/v1/jobs/{job_id}" for job_id in ids]
+    for path in paths:
+        resp = requests.get(http + path, timeout=10)
+        assert resp.status_code == 200, (path, resp.status_code)
+        yield f"HTTP {path}", resp.content
+    flower = f"http://127.0.0.1:{stack.ports['flower']}"
+    auth = ("admin", "local-only")
+    deadline = time.monotonic() + 60
+    while True:  # Flower learns the tasks from the workers' events
+        try:
+            tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=10)
+            if tasks.status_code == 200 and len(tasks.json()) >= JOBS:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "Flower never listed the run's tasks"
+        time.sleep(1)
+    yield "Flower /api/tasks", tasks.content
+    for task_id in list(tasks.json())[:200]:
+        info = requests.get(f"{flower}/api/task/info/{task_id}", auth=auth, timeout=10)
+        yield f"Flower task {task_id}", info.content
+    workers = requests.get(f"{flower}/api/workers", auth=auth, timeout=30)
+    yield "Flower /api/workers", workers.content
 
 
 def test_the_search_finds_secrets_wherever_they_are_planted(redis_url: str, tmp_path: Path) -> None:
