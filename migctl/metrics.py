@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from migctl.adapters.redis_store import RedisStore
 from migctl.domain.model import JobState, VmState
 from migctl.domain.states import ON_THE_WAY
+from migctl.http.views import live_gateways
 from migctl.services.events import VM_STARTUP_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ class PoolCollector(Collector):
         pipe.zcard(k.inflight)
         pipe.llen(k.deadletters)
         pipe.hgetall(k.prefix + "gateways")
+        pipe.hgetall(k.prefix + "gateways:seen")
         pipe.get(k.prefix + "canary")
         pipe.hgetall(k.bridge_stats)
         pipe.hgetall(k.prefix + GITHUB_RATE_KEY)
@@ -207,6 +209,7 @@ class PoolCollector(Collector):
             inflight,
             dead_kept,
             raw_gateways,
+            gateways_seen,
             canary,
             bridge,
             github,
@@ -214,7 +217,7 @@ class PoolCollector(Collector):
             head,
         ) = pipe.execute()
         counters = {_s(key): int(_f(v)) for key, v in raw_counters.items()}
-        gateways = {_s(key): int(_f(v)) for key, v in raw_gateways.items()}
+        gateways = live_gateways(raw_gateways, gateways_seen, now)
         vms = [vm for vm, _ in store.get_vms()]
 
         # The seed's names, as written (untyped, so no `_total` is appended).

@@ -166,14 +166,30 @@ def vm_detail(store: RedisStore, vm_id: str, now: float) -> dict[str, Any] | Non
 # -- the pool -------------------------------------------------------------------------------
 
 
+# A replica publishes its session count every second; one silent this long was killed
+# (a graceful stop withdraws its entry at once) and its streams are gone with it.
+LIVE_GATEWAY_S = 5.0
+
+
+def live_gateways(raw: Mapping[Any, Any], seen: Mapping[Any, Any], now: float) -> dict[str, int]:
+    """Session counts of the replicas still publishing (`gateways`, `gateways:seen`)."""
+    last = {_s(k): _f(v) for k, v in seen.items()}
+    return {
+        _s(k): int(_f(v)) for k, v in raw.items() if now - last.get(_s(k), 0.0) <= LIVE_GATEWAY_S
+    }
+
+
+def gateways(store: RedisStore, now: float | None = None) -> dict[str, int]:
+    pipe = store.r.pipeline(transaction=False)
+    pipe.hgetall(store.k.prefix + "gateways")
+    pipe.hgetall(store.k.prefix + "gateways:seen")
+    raw, seen = pipe.execute()
+    return live_gateways(raw or {}, seen or {}, time.time() if now is None else now)
+
+
 def connected_vms(store: RedisStore) -> int:
-    """Streams held by the gateway replicas (the seed's `connected_vms`)."""
-    return sum(int(_f(v)) for v in store.r.hvals(store.k.prefix + "gateways") or [])
-
-
-def gateways(store: RedisStore) -> dict[str, int]:
-    raw = store.r.hgetall(store.k.prefix + "gateways") or {}
-    return {_s(k): int(_f(v)) for k, v in raw.items()}
+    """Streams held by the live gateway replicas (the seed's `connected_vms`)."""
+    return sum(gateways(store).values())
 
 
 def canary_age(store: RedisStore, now: float) -> float | None:
