@@ -19,6 +19,13 @@ is real too:
 Streams share `--channels` HTTP/2 connections (a real fleet has one per VM; the
 gateway's per-stream work is the same). Reports on stdout, one line each:
 `CONNECTED n`, `READY n` (all streams accepted), `RECV vm_id command_id epoch_s bad`.
+
+By default an agent whose stream ends stays down (`EOF vm_id` / `BROKEN vm_id CODE`).
+With `--reconnect` it opens a new stream after a capped, jittered exponential backoff
+(`--backoff-base`, `--backoff-cap`; a stream that was accepted resets it), as deployed
+agents do after a gateway restart; `CONNECTED n` then counts the streams open now
+(`READY n` each time all are back) and `SESSIONS n` the streams accepted so far.
+`connect_ack{accepted: false}` stops an agent for good in both modes.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 from grpc import aio
 
@@ -67,6 +75,18 @@ class Out:
             self.lines.clear()
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with equal jitter (never zero), as deployed agents use."""
+
+    base: float = 0.5
+    cap: float = 10.0
+
+    def delay(self, failures: int) -> float:
+        delay = min(self.cap, self.base * 2.0 ** (max(failures, 1) - 1))
+        return delay / 2 + random.uniform(0, delay / 2)
+
+
 async def agent(
     vm_id: str,
     pool: str,
@@ -76,8 +96,12 @@ async def agent(
     out: Out,
     connected: list[int],
     gate: asyncio.Semaphore,
+    backoff: Backoff | None = None,
+    sessions: list[int] | None = None,
 ) -> None:
+    """One agent. `backoff` None: one stream, as before; else reconnect after each end."""
     stub = pb_grpc.CommandServiceStub(channel)
+    failures = 0
     while True:
         try:
             async with gate:
@@ -90,13 +114,55 @@ async def agent(
                     )
                 )
                 first = await call.read()
-            if first is aio.EOF or not first.connect_ack.accepted:
+            refused = first is aio.EOF or not first.connect_ack.accepted
+            if backoff is not None and (first is aio.EOF or not first.HasField("connect_ack")):
+                # The stream ended before any answer (a gateway stopping): try again.
+                out.put(f"RETRY {vm_id} {'EOF' if first is aio.EOF else 'NO_ACK'}\n")
+                call.cancel()
+                failures += 1
+                await asyncio.sleep(backoff.delay(failures))
+                continue
+            if refused:
                 out.put(f"REFUSED {vm_id} {first}\n")
                 return
-            break
         except aio.AioRpcError as exc:
             out.put(f"RETRY {vm_id} {exc.code().name}\n")
-            await asyncio.sleep(0.5 + random.random())
+            if backoff is None:
+                await asyncio.sleep(0.5 + random.random())
+            else:
+                failures += 1
+                await asyncio.sleep(backoff.delay(failures))
+            continue
+        if backoff is None:
+            await serve(call, vm_id, pool, beat, follow, out, connected, sessions)
+            return
+        try:
+            opened = await serve(call, vm_id, pool, beat, follow, out, connected, sessions)
+        except (aio.AioRpcError, asyncio.InvalidStateError) as exc:  # before it was counted
+            out.put(f"RETRY {vm_id} {_code(exc)}\n")
+            opened = False
+        if opened:
+            connected[0] -= 1
+        # An accepted stream that ended: the shortest wait first; else back off further.
+        failures = 1 if opened else failures + 1
+        await asyncio.sleep(backoff.delay(failures))
+
+
+def _code(exc: BaseException) -> str:
+    return exc.code().name if isinstance(exc, aio.AioRpcError) else "ENDED"
+
+
+async def serve(
+    call: aio.StreamStreamCall,
+    vm_id: str,
+    pool: str,
+    beat: float,
+    follow: bool,
+    out: Out,
+    connected: list[int],
+    sessions: list[int] | None,
+) -> bool:
+    """One accepted stream, until it ends. True if it was counted in `connected`."""
     lock = asyncio.Lock()
 
     def heartbeat(state: str) -> pb.MIGletMessage:
@@ -111,9 +177,7 @@ async def agent(
         )
 
     state = "ready"
-    async with lock:
-        await call.write(heartbeat(state))
-    connected[0] += 1
+    opened = False
 
     async def ticker() -> None:
         await asyncio.sleep(random.uniform(0, beat))
@@ -122,13 +186,20 @@ async def agent(
                 await call.write(heartbeat(state))
             await asyncio.sleep(beat)
 
-    tick = asyncio.create_task(ticker())
+    tick: asyncio.Task[None] | None = None
     try:
+        async with lock:
+            await call.write(heartbeat(state))
+        connected[0] += 1
+        opened = True
+        if sessions is not None:
+            sessions[0] += 1
+        tick = asyncio.create_task(ticker())
         while True:
             msg = await call.read()
             if msg is aio.EOF:
                 out.put(f"EOF {vm_id}\n")
-                return
+                return opened
             if msg.WhichOneof("message") != "command":
                 continue
             cmd = msg.command
@@ -165,10 +236,17 @@ async def agent(
                 await call.write(pb.MIGletMessage(event=event))
                 state = "idle"
                 await call.write(heartbeat(state))
-    except aio.AioRpcError as exc:
-        out.put(f"BROKEN {vm_id} {exc.code().name}\n")
+    except (aio.AioRpcError, asyncio.InvalidStateError) as exc:
+        if not opened:
+            raise  # as before: only a stream that was counted reports BROKEN
+        # InvalidStateError: a write raced the end of the call.
+        out.put(f"BROKEN {vm_id} {_code(exc)}\n")
     finally:
-        tick.cancel()
+        if tick is not None:
+            tick.cancel()
+            # A write of the ticker may have failed with the stream: retrieve it.
+            await asyncio.gather(tick, return_exceptions=True)
+    return opened
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -177,6 +255,8 @@ async def main_async(args: argparse.Namespace) -> None:
         aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) for _ in range(args.channels)
     ]
     connected = [0]
+    sessions = [0] if args.reconnect else None
+    backoff = Backoff(args.backoff_base, args.backoff_cap) if args.reconnect else None
     gate = asyncio.Semaphore(200)
     ids = [f"{args.prefix}{i:05d}" for i in range(args.vms)]
     tasks = [
@@ -190,6 +270,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 out,
                 connected,
                 gate,
+                backoff,
+                sessions,
             )
         )
         for i, vm in enumerate(ids)
@@ -202,8 +284,12 @@ async def main_async(args: argparse.Namespace) -> None:
 
     async def progress() -> None:
         reported = -1
+        accepted = 0
         while True:
             await asyncio.sleep(0.2)
+            if sessions is not None and sessions[0] != accepted:
+                accepted = sessions[0]
+                out.put(f"SESSIONS {accepted}\n")
             if connected[0] != reported:
                 reported = connected[0]
                 out.put(f"CONNECTED {reported}\n")
@@ -229,6 +315,13 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=50)
     parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (PROTOCOL: 15)")
     parser.add_argument("--ack-only", action="store_true", help="no follow-up event/states")
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="open a new stream after one ends (default: an agent whose stream ends stays down)",
+    )
+    parser.add_argument("--backoff-base", type=float, default=0.5, help="seconds (--reconnect)")
+    parser.add_argument("--backoff-cap", type=float, default=10.0, help="seconds (--reconnect)")
     args = parser.parse_args()
     asyncio.run(main_async(args))
 

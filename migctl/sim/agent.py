@@ -180,6 +180,12 @@ class SimAgent:
             self._killed = True
             self._session.cancel()
 
+    def die(self, reason: str = "agent process died") -> None:
+        """The agent process dies for good while its VM stays up: no half-close, no more
+        heartbeats, and its runner (and any job on it) stops with it."""
+        self.finished = reason
+        self.kill()
+
     def crash_runner(self, reason: str = "simulated runner crash") -> None:
         """The runner process dies: `runner_crashed`, back to ready (job left unfinished)."""
         if self.runner_id is None:
