@@ -14,16 +14,22 @@ import datetime
 import gc
 import ipaddress
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
 import redis
+import yaml
 from grpc import aio
 
 from migctl.adapters.redis_store import RedisStore
@@ -508,3 +514,92 @@ class IdentityIssuer:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """`migctl-grpc-gateway` as a process on its own config, on the same ports across
+    restarts (kill -9, SIGTERM, start again)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        redis_url: str,
+        pool_id: str = "pool-a",
+        labels: Sequence[str] = (),
+        port: int = 0,
+        http_port: int = 0,
+    ) -> None:
+        self.port, self.http_port = port or _free_port(), http_port or _free_port()
+        url = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+        endpoint = {"host": url["host"], "port": url["port"], "db": url.get("db", 0)}
+        pool: dict[str, Any] = {"id": pool_id}
+        if labels:
+            pool["labels"] = list(labels)
+        config = {
+            "pool": pool,
+            "vm_manager": {"provider": "sim"},
+            "github_app": {"app_id": "1", "private_key": "unused by the gateway"},
+            "pubsub": {"source": "local"},
+            "redis": {"jobs": endpoint, "vm_status": endpoint},
+            "server": {"bind": "127.0.0.1", "grpc_port": self.port, "http_port": self.http_port},
+            "logging": {"level": "info", "format": "console"},
+        }
+        self.config = workdir / "controller.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.log = workdir / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTROLLER_")}
+        exe = Path(sys.executable).parent / "migctl-grpc-gateway"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(exe), "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop_with(self, sig: int, timeout: float = 30) -> int:
+        """Signal it and wait for its exit code (killed if it outlives `timeout`)."""
+        self.signal(sig)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return self.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,14 +26,13 @@ from typing import Any
 import pytest
 import redis
 import requests
-import yaml
 
 from migctl.adapters.redis_store import RedisStore
 from migctl.domain.model import InfraStatus, Lifecycle, Vm
 from migctl.domain.transitions import Change
-from migctl.gateway.testing import DeployedLikeAgent
+from migctl.gateway.testing import DeployedLikeAgent, GatewayProcess
 from migctl.sim.mig import SimMig
-from migctl.sim.stack import LABELS, POOL, LocalStack, StackOptions, free_port
+from migctl.sim.stack import LABELS, POOL, LocalStack, StackOptions
 from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
 from tests.helpers import require
 
@@ -296,65 +293,6 @@ AGENTS = 1000
 POOL_B = "pool-reconnect"
 
 
-class Gateway:
-    """`migctl-grpc-gateway` as a process, on the same ports across restarts."""
-
-    def __init__(self, workdir: Path, redis_url: str) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        url = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-        endpoint = {"host": url["host"], "port": url["port"], "db": url.get("db", 0)}
-        config = {
-            "pool": {"id": POOL_B, "labels": LABELS},
-            "vm_manager": {"provider": "sim"},
-            "github_app": {"app_id": "1", "private_key": "unused by the gateway"},
-            "pubsub": {"source": "local"},
-            "redis": {"jobs": endpoint, "vm_status": endpoint},
-            "server": {"bind": "127.0.0.1", "grpc_port": self.port, "http_port": self.http_port},
-            "logging": {"level": "info", "format": "console"},
-        }
-        self.config = workdir / "controller.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.log = workdir / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "migctl-grpc-gateway"), "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_env(),
-            )
-
-    def stop(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def listening(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CONTROLLER_")}
-
-
 class LightAgents:
     """bench/light_agents.py --reconnect in its own process, its report read as it comes."""
 
@@ -472,14 +410,14 @@ async def refused_stranger(target: str) -> bool:
 
 
 def restart(
-    gateway: Gateway, light: LightAgents, store: RedisStore, vm_ids: list[str], sig: int
+    gateway: GatewayProcess, light: LightAgents, store: RedisStore, vm_ids: list[str], sig: int
 ) -> tuple[float, str]:
     """Stop the gateway with `sig`, start a new one, wait for every agent to be back and
     check the new gateway's view. Returns the reconnect time (from the new process's
     start) and the new gateway's id."""
     sessions_before = light.sessions
     signalled = time.monotonic()
-    code = gateway.stop(sig)
+    code = gateway.stop_with(sig)
     stopped = time.monotonic()
     if sig == signal.SIGTERM:
         assert code == 0, f"gateway did not stop gracefully: exit {code}\n{gateway.tail()}"
@@ -547,7 +485,7 @@ def test_thousand_agents_reconnect_at_once(tmp_path: Path, redis_url: str) -> No
     store = RedisStore(client, POOL_B)
     vm_ids = [f"vm-{i:05d}" for i in range(AGENTS)]
     seed_vms(store, vm_ids)
-    gateway = Gateway(tmp_path, redis_url)
+    gateway = GatewayProcess(tmp_path, redis_url, pool_id=POOL_B, labels=LABELS)
     light: LightAgents | None = None
     try:
         gateway.start()
@@ -577,5 +515,5 @@ def test_thousand_agents_reconnect_at_once(tmp_path: Path, redis_url: str) -> No
         if light is not None:
             light.stop()
         if gateway.proc is not None and gateway.proc.poll() is None:
-            gateway.stop(signal.SIGTERM)
+            gateway.stop_with(signal.SIGTERM)
         client.close()

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +18,9 @@ from typing import Any
 import grpc
 import pytest
 import redis
-import yaml
 
 from migctl.adapters.redis_store import RedisStore
-from migctl.gateway.testing import DeployedLikeAgent, add_vm, enqueue, until
-from migctl.sim.stack import free_port
+from migctl.gateway.testing import DeployedLikeAgent, GatewayProcess, add_vm, enqueue, until
 
 pytestmark = pytest.mark.integration
 
@@ -40,57 +36,6 @@ def store(redis_url: str) -> Iterator[RedisStore]:
         add_vm(store, vm_id)
     yield store
     client.close()
-
-
-class GatewayProcess:
-    def __init__(self, workdir: Path, redis_url: str, port: int = 0, http_port: int = 0) -> None:
-        self.port, self.http_port = port or free_port(), http_port or free_port()
-        url = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
-        endpoint = {"host": url["host"], "port": url["port"], "db": url.get("db", 0)}
-        config = {
-            "pool": {"id": "pool-a"},
-            "vm_manager": {"provider": "sim"},
-            "github_app": {"app_id": "1", "private_key": "unused by the gateway"},
-            "pubsub": {"source": "local"},
-            "redis": {"jobs": endpoint, "vm_status": endpoint},
-            "server": {"bind": "127.0.0.1", "grpc_port": self.port, "http_port": self.http_port},
-            "logging": {"level": "info", "format": "console"},
-        }
-        self.config = workdir / "controller.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.log = workdir / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> GatewayProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONTROLLER_")}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN / "migctl-grpc-gateway"), "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        return self
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
 
 
 @pytest.fixture
@@ -150,7 +95,7 @@ def test_kill_and_restart_with_commands_queued(
         for vm in vms:  # queued while no gateway runs
             queued[vm] += [await asyncio.to_thread(enqueue, store, vm) for _ in range(2)]
 
-        second = GatewayProcess(tmp_path, redis_url, first.port, first.http_port)
+        second = GatewayProcess(tmp_path, redis_url, port=first.port, http_port=first.http_port)
         gateways.append(second.start())
         again = {vm: await connect(second.target, vm) for vm in vms}
         want = sum(len(ids) for ids in queued.values())
