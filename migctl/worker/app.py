@@ -13,6 +13,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from migctl.settings import ConfigError, Settings
+from migctl.worker.kombu_fixes import patch_restore_unacked
 from migctl.worker.queues import KINDS, ROUTES, queue
 
 _lock = threading.Lock()
@@ -20,6 +21,7 @@ _app: Celery | None = None
 
 
 def build_app(settings: Settings) -> Celery:
+    patch_restore_unacked()  # a worker must not exit when Redis restarts (kombu_fixes)
     pool = settings.pool.id
     broker = settings.redis.jobs.url()
     app = Celery("migctl", broker=broker, set_as_current=True)
