@@ -148,6 +148,7 @@ class StackOptions:
     log_level: str = "warning"
     extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    kind_env: dict[str, dict[str, str]] = field(default_factory=dict)  # e.g. {"worker": {...}}
     capabilities: tuple[str, ...] = ()  # what the simulated agents advertise, e.g. ("jit",)
     agent_options: dict[str, Any] = field(default_factory=dict)  # e.g. duplicate_events=True
     publish_copies: int = 1  # >1: every job message is published that many times (fault tests)
@@ -298,7 +299,7 @@ class LocalStack:
             node[leaf] = value
         return cfg
 
-    def env(self) -> dict[str, str]:
+    def env(self, kind: str = "") -> dict[str, str]:
         env = {
             k: v
             for k, v in os.environ.items()
@@ -313,6 +314,7 @@ class LocalStack:
             PYTHONUNBUFFERED="1",
         )
         env.update(self.o.env)
+        env.update(self.o.kind_env.get(kind, {}))
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env
@@ -326,7 +328,7 @@ class LocalStack:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
             cmd,
-            env=self.env(),
+            env=self.env(kind),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,

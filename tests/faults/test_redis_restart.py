@@ -14,7 +14,7 @@ from migctl.sim.pubsub_emulator import find_emulator
 from migctl.sim.stack import POOL, LocalStack, RedisServer, StackOptions
 from migctl.worker.app import build_app
 from migctl.worker.queues import queue
-from tests.faults.checks import check_exactly_once, wait_all_terminal
+from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
 from tests.helpers import require
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -75,6 +75,7 @@ def test_jobs_survive_five_redis_restarts(tmp_path) -> None:
         ids += stack.submit(6)
         wait_all_terminal(stack, store, ids, 240)
         counters = check_exactly_once(stack, ids)
+        check_no_orphans(stack)
         back = ", ".join(f"{r:.1f}s" for r in recoveries)
         requeued = counters.get("requeued_jobs", 0)
         print(f"{len(ids)} jobs, {RESTARTS} Redis restarts, consumer back after {back}")
