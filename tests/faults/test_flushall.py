@@ -1,4 +1,5 @@
-"""Redis wiped (FLUSHALL) mid-run, with jobs queued, assigned and running: the beat
+"""Redis wiped mid-run (FLUSHALL, or a Redis without persistence that restarts empty),
+with jobs queued, assigned and running: the beat
 notices the lost state epoch, restores its schedule and starts the recovery; the gateway
 ends every stream so agents reconnect to the VM records the GCloud sync rebuilds from
 the provider; queued jobs come back from GitHub's REST API; running ones are settled by
@@ -13,7 +14,7 @@ import pytest
 
 from migctl.adapters.redis_store import RedisStore
 from migctl.sim.mig import SimMig
-from migctl.sim.stack import POOL, LocalStack, StackOptions
+from migctl.sim.stack import POOL, LocalStack, RedisServer, StackOptions
 from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -21,9 +22,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 MAX_VMS = 6
 
 
-def test_redis_flushall_mid_run_loses_no_job(tmp_path) -> None:
+@pytest.mark.parametrize("how", ["flushall", "empty_restart"])
+def test_redis_wiped_mid_run_loses_no_job(how: str, tmp_path) -> None:
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", appendonly=False).start()
     stack = LocalStack(
         StackOptions(
+            redis_url=server.url,
             use_emulator=False,
             separate_mig=True,  # the cloud is not in the controller's Redis
             processes=("bridge", "worker", "beat", "gateway"),
@@ -49,7 +54,11 @@ def test_redis_flushall_mid_run_loses_no_job(tmp_path) -> None:
             assert time.monotonic() < deadline, f"no jobs ran: {at_wipe}"
             time.sleep(0.1)
         ours_at_wipe = Counter(job.state.value for job, _ in store.get_jobs(ids))
-        stack.redis.flushall()
+        if how == "flushall":
+            stack.redis.flushall()
+        else:  # the processes lose their connections too, and find it empty
+            server.stop()
+            server.start()
         wiped = time.monotonic()
         mig = SimMig(stack.mig_redis, POOL)
         sizes = []
@@ -78,10 +87,11 @@ def test_redis_flushall_mid_run_loses_no_job(tmp_path) -> None:
         agents = list(stack.fleet.agents.values())
         assert not [a.finished for a in agents if a.finished], "an agent was turned away"
         print(
-            f"{len(ids)} jobs; at the FLUSHALL GitHub had {dict(at_wipe)}, we had "
+            f"{how}: {len(ids)} jobs; at the wipe GitHub had {dict(at_wipe)}, we had "
             f"{dict(ours_at_wipe)}; lost 0, doubled 0; recovered from GitHub's queue "
             f"{counters.get('recovered_jobs', 0)}; all terminal {recovered_in:.1f}s after "
             f"the wipe; MIG size at most {max(sizes)} of {MAX_VMS}; settled world {world}"
         )
     finally:
         stack.stop()
+        server.stop()
