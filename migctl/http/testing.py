@@ -224,7 +224,7 @@ def seed_world(store: RedisStore, now: float) -> dict[str, Any]:
     # Two live replicas, and one killed a minute ago whose entry is not pruned yet: its
     # streams are gone and must not count.
     r.hset(store.k.prefix + "gateways", mapping={"gw-a": 3, "gw-b": 1, "gw-dead": 500})
-    seen = {"gw-a": repr(now - 0.5), "gw-b": repr(now - 1), "gw-dead": repr(now - 60)}
+    seen: dict[Any, Any] = {"gw-a": now - 0.5, "gw-b": now - 1, "gw-dead": now - 60}
     r.hset(store.k.prefix + "gateways:seen", mapping=seen)
     r.set(store.k.prefix + "canary", repr(now - 5), ex=3600)
     store.set_bridge_stats({"received": 20, "acked": 18, "dead_lettered": 2, "errors": 0})
