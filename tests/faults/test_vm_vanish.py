@@ -35,7 +35,7 @@ def running_job(stack: LocalStack) -> tuple[str, str] | None:
 # job must wait, bound to its lost VM, for GitHub's verdict, not be queued again.
 ORDERS = {
     "github_first": {"lost_runner_timeout": 3.0, "heartbeat_timeout": "20s"},
-    "controller_first": {"lost_runner_timeout": 25.0, "heartbeat_timeout": "6s"},
+    "controller_first": {"lost_runner_timeout": 35.0, "heartbeat_timeout": "6s"},
 }
 
 
@@ -93,8 +93,8 @@ def test_vms_vanishing_mid_job_lose_no_job(order: str, tmp_path) -> None:
         # the VM is gone within its poll; it then succeeded, bound and counted as any.)
         assert len(failed) >= 2, f"only {len(failed)} vanishings landed mid-job"
         assert stack.github.lost_runners == len(failed)
-        ours = {job.id: job for job, _ in store.get_jobs(list(vanished))}
-        assert {i: j.vm_id for i, j in ours.items()} == vanished  # bound where it ran
+        ours = {job.id: job for job, _ in store.get_jobs(sorted(set(vanished) | failed))}
+        assert {i: ours[i].vm_id for i in vanished} == vanished  # bound where it ran
         # Which side noticed first: the controller marks a job whose VM it lost.
         first = [i for i in failed if 0 < ours[i].lost_at < gh[i]["completed_at"]]
         if order == "controller_first":
