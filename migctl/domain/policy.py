@@ -35,8 +35,9 @@ def health_plan(
     vms: Sequence[Vm], now: float, *, heartbeat_timeout: float, boot_timeout: float
 ) -> HealthPlan:
     """Silent agents become UNHEALTHY; an unhealthy VM with no job is replaced at once,
-    one with a job after a grace period of another heartbeat_timeout (its job is then
-    requeued). A VM stuck on its way up past boot_timeout is replaced."""
+    one with a job after a grace period of another heartbeat_timeout (a job running on
+    it is then left to GitHub's verdict, a reserved one requeued; see `vm_lost`). A VM
+    stuck on its way up past boot_timeout is replaced."""
     unhealthy: list[str] = []
     healthy: list[str] = []
     replace: list[str] = []

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 
-from migctl.domain.model import AgentState, Lifecycle, Vm
+from migctl.domain.model import AgentState, InfraStatus, Lifecycle, Vm
 from migctl.gateway import background
 from migctl.gateway.auth import Authenticator
 from migctl.gateway.messages import (
@@ -230,13 +230,19 @@ class Gateway(pb_grpc.CommandServiceServicer):
                 return vm  # already replaced by a newer stream of this VM
             agent = vm.agent if vm.agent is not AgentState.NONE else AgentState.CONNECTING
             lifecycle = Lifecycle.NONE if vm.lifecycle is Lifecycle.STARTING else vm.lifecycle
+            now = time.time()
+            if vm.infra in (InfraStatus.CREATING, InfraStatus.STARTING, InfraStatus.UNKNOWN):
+                # An agent talking proves its VM runs, whatever the last listing said; a
+                # VM that vanished before the sync saw it RUNNING must still be missed
+                # by the health sweep when its agent goes silent.
+                vm = vm.with_(infra=InfraStatus.RUNNING, state_since=now)
             return vm.with_(
                 connected=True,
                 session=session.id,
                 capabilities=session.capabilities,
                 agent=agent,
                 lifecycle=lifecycle,
-                last_heartbeat=time.time(),
+                last_heartbeat=now,
                 unhealthy=False,
             )
 

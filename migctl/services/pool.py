@@ -198,6 +198,10 @@ class Pool:
             for (kind, name), ok in zip(kinds, self.store.save_many(items), strict=True):
                 if ok:
                     report.add(kind, [name])
+                elif kind == "updated" and self._observe_again(name, listed[name].status, now):
+                    # Its record changed under us (an event): fold the listing in again,
+                    # or a VM that vanishes before the next pass keeps a stale status.
+                    report.add(kind, [name])
             for name, (vm, _rev) in known.items():
                 if name in listed or now - vm.created_at < LIST_GRACE_S:
                     continue
@@ -205,6 +209,19 @@ class Pool:
                 report.add("lost", [name])
             self.store.mark_synced(now)
         return report
+
+    def _observe_again(self, vm_id: str, status: InfraStatus, now: float) -> bool:
+        for _ in range(3):
+            got = self.store.get_vm(vm_id)
+            if got is None:
+                return False
+            vm, rev = got
+            new = _observe(vm, status, now)
+            if new == vm:
+                return False
+            if self._save_vm(new, rev):
+                return True
+        return False
 
     def _keep_standby_policy(self, report: Report) -> None:
         """Where configured, hold the MIG's standby policy (mode, initial delay) as set."""

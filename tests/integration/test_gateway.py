@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from migctl.adapters.redis_store import RedisStore
-from migctl.domain.model import AgentState
+from migctl.domain.model import AgentState, InfraStatus
+from migctl.domain.transitions import Change
 from migctl.gateway.app import GatewayServer
 from migctl.gateway.stats import stats_key
 from migctl.gateway.testing import (
@@ -136,11 +137,19 @@ def test_a_reconnect_replaces_the_old_session(redis_url: str, store: RedisStore)
 
 
 def test_a_vanished_agent_is_unregistered(redis_url: str, store: RedisStore) -> None:
+    # The last listing still said CREATING: an agent talking proves the VM runs, so its
+    # silence later counts for the health sweep even if the VM vanishes before a sync.
+    got = store.get_vm("vm-2")
+    assert got is not None
+    store.save(Change(vms={"vm-2": got[0].with_(infra=InfraStatus.CREATING)}), {"vm:vm-2": got[1]})
+
     async def scenario() -> None:
         async with running_gateway(SETTINGS, redis_url) as app:
             agent = DeployedLikeAgent(target(app), "vm-2")
             await agent.connect()
             await until(lambda: app.gateway.sessions.get("vm-2"), "the session")
+            await until(lambda: vm(store, "vm-2").connected, "the connect recorded")
+            assert vm(store, "vm-2").infra is InfraStatus.RUNNING
             await agent.drop()  # no half-close: the call is cancelled under the gateway
             await until(lambda: len(app.gateway.sessions) == 0, "the session removed")
             await until(lambda: not vm(store, "vm-2").connected, "the disconnect recorded")

@@ -273,3 +273,29 @@ def test_vm_startup_is_observed_once_when_its_agent_is_first_ready(world) -> Non
     assert 'controller_vm_startup_seconds_count{pool="pool-t"} 1.0' in text
     assert 'controller_vm_startup_seconds_bucket{le="45.0",pool="pool-t"} 1.0' in text
     assert 'controller_vm_startup_seconds_bucket{le="30.0",pool="pool-t"} 0.0' in text
+
+
+def test_the_sync_folds_a_listing_into_a_record_that_changed_under_it(world) -> None:
+    """An event lands between the sync's read and its write: the status still lands."""
+    store, mig, _dispatch, clock, pool = world
+    mig.create(["vm-1"])
+    p = pool()
+    p.sync()
+    assert store.get_vm("vm-1")[0].infra is InfraStatus.CREATING
+    clock.t += 100  # the MIG says RUNNING now
+    real_get_vms = store.get_vms
+
+    def get_vms_then_an_event(*args, **kwargs):
+        listed = real_get_vms(*args, **kwargs)
+        vm, rev = store.get_vm("vm-1")
+        store.save(Change(vms={"vm-1": vm.with_(agent=AgentState.READY)}), {"vm:vm-1": rev})
+        return listed
+
+    store.get_vms = get_vms_then_an_event  # type: ignore[method-assign]
+    try:
+        report = p.sync()
+    finally:
+        store.get_vms = real_get_vms  # type: ignore[method-assign]
+    assert report.actions.get("updated") == ["vm-1"]
+    vm = store.get_vm("vm-1")[0]
+    assert (vm.infra, vm.agent) == (InfraStatus.RUNNING, AgentState.READY)
