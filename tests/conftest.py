@@ -31,3 +31,11 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the suite's own redis-server, emptied before each test."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    yield client
+    client.close()

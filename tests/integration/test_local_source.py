@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -28,7 +27,6 @@ from migctl.bridge.testing import MemoryIntake
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
 POOL = "pool-2"
 QUEUE, PROCESSING = "migctl:{pool-2}:intake", "migctl:{pool-2}:intake:processing"
 WAIT = 30.0
@@ -52,19 +50,8 @@ def wait_for(
 
 
 @pytest.fixture
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def r(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 @dataclass
@@ -197,12 +184,12 @@ LocalSource(redis.Redis.from_url(url), pool, MemoryIntake(hang), pool).run(threa
 
 
 def test_crash_mid_message_is_recovered_at_next_start(
-    r: redis.Redis, start_source: Callable[..., Running]
+    r: redis.Redis, redis_url: str, start_source: Callable[..., Running]
 ) -> None:
     first = publish_local(r, POOL, job(6))
     publish_local(r, POOL, job(7))
     child = subprocess.Popen(
-        [sys.executable, "-c", _CRASHING_CONSUMER, REDIS_URL, POOL],
+        [sys.executable, "-c", _CRASHING_CONSUMER, redis_url, POOL],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,  # so `migctl` imports from this checkout

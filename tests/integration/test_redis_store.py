@@ -3,7 +3,6 @@ write path, derived indexes, the command outbox, heartbeats, locks and counters.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,25 +17,13 @@ from migctl.domain.transitions import Change
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 POOL = "store-test"
 NOW = 1_700_000_000.0
 
 
 @pytest.fixture
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def r(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 @pytest.fixture
@@ -48,12 +35,12 @@ Worker = Callable[[], RedisStore]
 
 
 @pytest.fixture
-def other_worker(r: redis.Redis) -> Iterator[Worker]:
+def other_worker(r: redis.Redis, redis_url: str) -> Iterator[Worker]:
     """Stores on their own connections, as other Celery worker processes would have."""
     clients: list[redis.Redis] = []
 
     def make() -> RedisStore:
-        clients.append(redis.Redis.from_url(REDIS_URL, socket_timeout=10))
+        clients.append(redis.Redis.from_url(redis_url, socket_timeout=10))
         return RedisStore(clients[-1], POOL)
 
     yield make

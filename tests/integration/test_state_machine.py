@@ -20,7 +20,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,6 @@ from migctl.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
 POOL = "sm"
 T0 = 1_700_000_000.0
 POOL_LABELS = ("self-hosted", "linux", "x64")
@@ -77,19 +76,8 @@ FOREIGN_RUNNER = "someone-elses-runner"
 
 
 @pytest.fixture
-def r() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {exc}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def r(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 class Names:
