@@ -315,7 +315,9 @@ class Gateway(pb_grpc.CommandServiceServicer):
         if parsed is AgentState.NONE:
             self.stats.ignored += 1  # a state this controller does not know: keep the last
         else:
-            await self.relay.run(self.relay.events.agent_state, session.vm_id, parsed)
+            await self.relay.run(
+                self.relay.events.agent_state, session.vm_id, parsed, None, session.id
+            )
         session.state = state
 
     async def _event(self, session: Session, ev: pb.EventNotification) -> None:

@@ -114,13 +114,24 @@ class AgentEvents:
         )
 
     def agent_state(
-        self, vm_id: str, state: AgentState, capabilities: tuple[str, ...] | None = None
+        self,
+        vm_id: str,
+        state: AgentState,
+        capabilities: tuple[str, ...] | None = None,
+        session: str = "",
     ) -> str:
-        """The agent's reported state changed (or it connected)."""
+        """The agent's reported state changed (or it connected).
+
+        With `session`, the report came over that stream and counts only while the VM is
+        still recorded on it: a report written after its stream's disconnect must not
+        mark the VM connected again.
+        """
         now = self.clock.now()
         started: list[float] = []
 
         def update(vm: Vm) -> Vm:
+            if session and vm.session != session:
+                return vm
             new = t.agent_reported(vm, state, now=now, capabilities=capabilities)
             if vm.start_requested_at and state in (AgentState.READY, AgentState.IDLE):
                 # The VM we created or started is up and its agent ready: its startup time.

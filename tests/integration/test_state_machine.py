@@ -1299,3 +1299,26 @@ def test_scenario_late_runner_crashed_hits_the_next_runner(r: redis.Redis) -> No
     assert got is not None and (got[0].state, got[0].retries) == (JobState.COMPLETED, 0), (
         w.describe()
     )
+
+
+def test_scenario_state_report_written_after_its_streams_disconnect(r: redis.Redis) -> None:
+    """The gateway writes an agent's state change and its stream's disconnect from
+    different relay threads, so the disconnect can land first. The late report must not
+    mark the VM connected again (it stayed "connected" to a dead stream until the
+    heartbeat timeout: seen once in CI, test_a_vanished_agent_is_unregistered), nor
+    overwrite what a newer stream of the VM reported."""
+    w, vm_id = one_vm_pool(r)
+    old = w.agents[vm_id].session
+    w.down(vm_id)
+    assert w.events.agent_state(vm_id, AgentState.IDLE, session=old) == "noop"
+    vm = w.vms()[vm_id]
+    assert (vm.connected, vm.session, vm.agent) == (False, "", AgentState.READY)
+
+    w.boot(vm_id)  # a new stream, which reports ready
+    new = w.agents[vm_id].session
+    assert w.events.agent_state(vm_id, AgentState.DRAINING, session=old) == "noop"
+    assert w.vms()[vm_id].agent is AgentState.READY
+    assert w.events.agent_state(vm_id, AgentState.IDLE, session=new) == "applied"
+    vm = w.vms()[vm_id]
+    assert (vm.connected, vm.session, vm.agent) == (True, new, AgentState.IDLE)
+    w.check()
