@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import threading
 import time
@@ -39,6 +37,7 @@ import pytest
 from grpc import aio
 
 from migctl.domain.model import AgentState
+from migctl.gateway.testing import make_certs
 from migctl.sim.agent import AgentTls, SimAgent
 from migctl.wire.miglet import commands_pb2 as pb
 from migctl.wire.miglet import commands_pb2_grpc
@@ -628,63 +627,8 @@ def test_duplicate_events(github: FakeRunners, executor: ThreadPoolExecutor) -> 
     asyncio.run(scenario())
 
 
-def _certs() -> dict[str, bytes]:
-    """A throwaway CA, a server cert for 127.0.0.1 and a client cert for vm-1 (PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def build(cn: str, key: Any, issuer: x509.Name) -> x509.CertificateBuilder:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-
-    def pem_key(key: Any) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        build("test-ca", ca_key, name("test-ca"))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key, client_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
-    san = x509.SubjectAlternativeName(
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    )
-    server = build("gateway", server_key, ca.subject).add_extension(san, critical=False)
-    client = build("vm-1", client_key, ca.subject)
-    enc = serialization.Encoding.PEM
-    return {
-        "ca": ca.public_bytes(enc),
-        "server_cert": server.sign(ca_key, hashes.SHA256()).public_bytes(enc),
-        "server_key": pem_key(server_key),
-        "client_cert": client.sign(ca_key, hashes.SHA256()).public_bytes(enc),
-        "client_key": pem_key(client_key),
-    }
-
-
 def test_mtls_and_bearer_token(github: FakeRunners, executor: ThreadPoolExecutor) -> None:
-    certs = _certs()
+    certs = make_certs("vm-1")
     creds = grpc.ssl_server_credentials(
         [(certs["server_key"], certs["server_cert"])],
         root_certificates=certs["ca"],
