@@ -28,6 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from migctl.adapters.redis_store import RedisStore
+from migctl.bridge.ports import SOURCE_COUNTERS
 from migctl.domain.model import JobState, VmState
 from migctl.domain.states import ON_THE_WAY
 from migctl.http.views import live_gateways
@@ -61,17 +62,7 @@ OBSERVED_HISTOGRAMS = {
 SEED_GAUGES = ("queue_length", "connected_vms")
 SEED_COUNTERS = ("assigned_jobs", "failed_jobs", "started_vms", "created_vms")
 PROVIDER_ERRORS = "provider_errors_"
-BRIDGE_FIELDS = (
-    "received",
-    "acked",
-    "nacked",
-    "duplicates",
-    "dead_lettered",
-    "created",
-    "updated",
-    "ignored",
-    "errors",
-)
+BRIDGE_FIELDS = SOURCE_COUNTERS
 # Where the GitHub adapter would publish the last rate-limit headers it saw (see docs).
 GITHUB_RATE_KEY = "gh:rate_limit"
 

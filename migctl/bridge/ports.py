@@ -8,6 +8,19 @@ from typing import Protocol
 
 from migctl.bridge.messages import JobEvent
 
+# The counters every job source keeps and publishes (`/stats`, the bridge_* metrics).
+SOURCE_COUNTERS = (
+    "received",
+    "acked",
+    "nacked",
+    "duplicates",
+    "dead_lettered",
+    "created",
+    "updated",
+    "ignored",
+    "errors",
+)
+
 
 class Outcome(StrEnum):
     """What `Intake.accept` did with an event; every outcome means "durable, ack it"."""

@@ -19,7 +19,7 @@ import google.cloud.pubsub_v1 as pubsub_v1
 from google.api_core import exceptions as gexc
 
 from migctl.bridge.messages import InvalidMessage, parse
-from migctl.bridge.ports import Intake, Outcome
+from migctl.bridge.ports import SOURCE_COUNTERS, Intake, Outcome
 from migctl.domain.errors import TemporaryError
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,7 @@ class Decision:
 class Counters:
     """Thread-safe counters behind `stats()`."""
 
-    NAMES = (
-        "received",
-        "acked",
-        "nacked",
-        "duplicates",
-        "dead_lettered",
-        "created",
-        "updated",
-        "ignored",
-        "errors",
-    )
+    NAMES = SOURCE_COUNTERS
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
