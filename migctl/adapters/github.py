@@ -13,11 +13,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import jwt
@@ -299,7 +299,7 @@ class GithubApp:
                 f"runner busy: GitHub refused to delete runner {runner_id} of {target.name} "
                 f"(422 {_message(resp)})"
             )
-        _fail(resp, f"DELETE {path}")
+        fail(resp, f"DELETE {path}")
 
     def rate_limit(self) -> dict[str, Any]:
         """The last rate-limit headers seen: remaining, limit, used, reset (epoch), resource."""
@@ -338,7 +338,7 @@ class GithubApp:
                 f"the GitHub App {self._settings.app_id} is not installed on {target.name}: "
                 f"install it, or set {_where('github_app', 'installation_id')}"
             )
-        body = _json(resp, f"GET {path}")
+        body = json_answer(resp, f"GET {path}", dict)
         return str(_field(lambda: int(body["id"]), f"GET {path}"))
 
     def _runner_group(self, target: _Target, inst: int) -> tuple[int, str]:
@@ -423,13 +423,13 @@ class GithubApp:
             raise RunnerNameTaken(
                 f"GitHub POST {path}: a runner named {runner_name!r} exists in {target.name}"
             )
-        data = _json(resp, f"POST {path}")
+        data = json_answer(resp, f"POST {path}", dict)
         config = _field(lambda: str(data["encoded_jit_config"]), f"POST {path}")
         log.info("GitHub JIT config minted for runner %s of %s", runner_name, target.name)
         return RunnerCredentials(runner_url=target.url, jit_config=config, runner_group=group_name)
 
     def _token_body(self, resp: requests.Response, what: str) -> tuple[str, float]:
-        data = _json(resp, what)
+        data = json_answer(resp, what, dict)
         token, expires_at = _field(lambda: (data["token"], data["expires_at"]), what)
         return str(token), _field(lambda: parse_time(str(expires_at)), what)
 
@@ -564,7 +564,7 @@ class GithubApp:
         params: dict[str, Any] | None = {"per_page": 100, **(query or {})}
         while url and len(pages) < MAX_PAGES:
             resp = self._authed(inst, "GET", url, params=params)
-            pages.append(_json(resp, f"GET {urlsplit(url).path}"))
+            pages.append(json_answer(resp, f"GET {urlsplit(url).path}", dict))
             url = resp.links.get("next", {}).get("url")
             params = None  # the Link URL carries them
         return pages
@@ -648,27 +648,38 @@ def _message(resp: requests.Response) -> str:
     return (text or resp.reason or "").strip()[:200]
 
 
-def _fail(resp: requests.Response, what: str) -> None:
-    hint = {
-        401: "check github_app.app_id and the private key",
-        403: "does the App have the permission for this endpoint?",
-        404: "is the App installed there, with the permission for this endpoint?",
-    }.get(resp.status_code, "")
+# What to check when the App's own calls are refused.
+APP_HINTS = {
+    401: "check github_app.app_id and the private key",
+    403: "does the App have the permission for this endpoint?",
+    404: "is the App installed there, with the permission for this endpoint?",
+}
+
+
+def fail(resp: requests.Response, what: str, hints: Mapping[int, str] = APP_HINTS) -> NoReturn:
+    """A refused call as a PermanentError naming the call, GitHub's reason and a hint."""
+    hint = hints.get(resp.status_code, "")
     raise PermanentError(
         f"GitHub {what}: {resp.status_code} {_message(resp)}" + (f"; {hint}" if hint else "")
     )
 
 
-def _json(resp: requests.Response, what: str) -> dict[str, Any]:
-    """The JSON body of a 2xx answer; other statuses become migctl errors."""
+def json_answer(
+    resp: requests.Response,
+    what: str,
+    kind: type[_T],
+    hints: Mapping[int, str] = APP_HINTS,
+) -> _T:
+    """The JSON body of a 2xx answer, of the expected kind; other statuses become migctl
+    errors."""
     if not resp.ok:
-        _fail(resp, what)
+        fail(resp, what, hints)
     try:
         data = resp.json()
     except ValueError as exc:
         raise TemporaryError(f"GitHub {what}: the answer is not JSON") from exc
-    if not isinstance(data, dict):
-        raise TemporaryError(f"GitHub {what}: unexpected answer")
+    if not isinstance(data, kind):
+        raise TemporaryError(f"GitHub {what}: expected a JSON {kind.__name__}")
     return data
 
 

@@ -19,7 +19,15 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from migctl.adapters.github import API_HEADERS, load_app_key, make_app_jwt, parse_time
+from migctl.adapters.github import (
+    API_HEADERS,
+    APP_HINTS,
+    fail,
+    json_answer,
+    load_app_key,
+    make_app_jwt,
+    parse_time,
+)
 from migctl.domain.errors import PermanentError, RateLimited, TemporaryError
 from migctl.settings import Settings
 
@@ -121,7 +129,7 @@ class AppHook:
             if url is None:
                 break
             resp = self._call("GET", url, params)
-            items = _json(resp, "GET /app/hook/deliveries")
+            items = json_answer(resp, "GET /app/hook/deliveries", list, HOOK_HINTS)
             page = [_delivery(item) for item in items]
             found += [d for d in page if d.delivered_at >= since]
             if not page or min(d.delivered_at for d in page) < since:
@@ -134,7 +142,7 @@ class AppHook:
         what = f"POST /app/hook/deliveries/{delivery_id}/attempts"
         resp = self._call("POST", f"{self.base}/app/hook/deliveries/{delivery_id}/attempts")
         if resp.status_code not in (200, 201, 202):
-            _fail(resp, what)
+            fail(resp, what, HOOK_HINTS)
 
     def _call(self, method: str, url: str, params: Any = None) -> requests.Response:
         what = f"{method} {urlsplit(url).path}"
@@ -174,33 +182,13 @@ def _delivery(item: Any) -> Delivery:
         raise TemporaryError(f"GitHub deliveries: unexpected item ({type(exc).__name__})") from exc
 
 
-def _json(resp: requests.Response, what: str) -> list[Any]:
-    if not resp.ok:
-        _fail(resp, what)
-    try:
-        data = resp.json()
-    except ValueError as exc:
-        raise TemporaryError(f"GitHub {what}: the answer is not JSON") from exc
-    if not isinstance(data, list):
-        raise TemporaryError(f"GitHub {what}: expected a list")
-    return data
-
-
-def _fail(resp: requests.Response, what: str) -> None:
-    hint = {
-        401: "check github_app.app_id and the private key",
-        403: "does the App have a webhook, and may it read its deliveries?",
-        404: "is a webhook configured on the App?",
-        422: "GitHub refused it (a delivery older than 3 days cannot be redelivered)",
-    }.get(resp.status_code, "")
-    try:
-        message = str(resp.json().get("message", ""))[:200]
-    except (ValueError, AttributeError):
-        message = ""
-    raise PermanentError(
-        f"GitHub {what}: {resp.status_code} {message or resp.reason}".strip()
-        + (f"; {hint}" if hint else "")
-    )
+# What to check when the App's webhook calls are refused.
+HOOK_HINTS = {
+    **APP_HINTS,
+    403: "does the App have a webhook, and may it read its deliveries?",
+    404: "is a webhook configured on the App?",
+    422: "GitHub refused it (a delivery older than 3 days cannot be redelivered)",
+}
 
 
 def catch_up(
