@@ -1,8 +1,9 @@
 """Applying what agents report: events, command acks and agent state changes.
 
 Each handler reads the records involved, asks the domain for a `Change`, and writes it
-with a compare on every revision; on a conflict it reads again. A duplicate or late
-event finds the records already moved on and changes nothing.
+with a compare on every revision; on a conflict it reads again, and after `ATTEMPTS`
+conflicts raises TemporaryError for the caller to retry. A duplicate or late event finds
+the records already moved on and changes nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.domain import transitions as t
+from migctl.domain.errors import TemporaryError
 from migctl.domain.model import AgentState, Job, JobState, Vm
 from migctl.domain.states import is_free
 from migctl.faults import pause
@@ -22,6 +24,12 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 8
 VM_STARTUP_BUCKETS = (5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
+
+
+def _contended(vm_id: str) -> TemporaryError:
+    """Every attempt lost its compare-and-set: the caller retries later (a Celery task is
+    retried, the gateway ends the stream for the agent to send again), nothing is lost."""
+    return TemporaryError(f"VM {vm_id}: records changed under {ATTEMPTS} attempts", delay=0.2)
 
 
 class AgentEvents:
@@ -184,7 +192,7 @@ class AgentEvents:
             change = decide(vm, job, reserved, other)
             if self._write(change, revs):
                 return "applied" if not change.empty else "noop"
-        return "conflict"
+        raise _contended(vm_id)
 
     def _apply_vm(
         self, vm_id: str, decide: Callable[[Vm, Job | None, Job | None], t.Change]
@@ -207,7 +215,7 @@ class AgentEvents:
                         reserved = got[0]
             if self._write(decide(vm, running, reserved), revs):
                 return "applied"
-        return "conflict"
+        raise _contended(vm_id)
 
     def _update_vm(self, vm_id: str, update: Callable[[Vm], Vm]) -> str:
         for _ in range(ATTEMPTS):
@@ -223,7 +231,7 @@ class AgentEvents:
                 change.freed.append(vm.id)
             if self._write(change, {f"vm:{vm.id}": rev}):
                 return "applied"
-        return "conflict"
+        raise _contended(vm_id)
 
     def _write(self, change: t.Change, revs: dict[str, int]) -> bool:
         for note in change.notes:

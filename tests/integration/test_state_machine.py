@@ -39,9 +39,9 @@ from hypothesis.stateful import (
 )
 
 import migctl.services.pool as pool_module
-from migctl.adapters.redis_store import RedisStore
+from migctl.adapters.redis_store import Conflict, RedisStore
 from migctl.bridge.messages import JobEvent
-from migctl.domain.errors import NotFound, PermanentError
+from migctl.domain.errors import NotFound, PermanentError, TemporaryError
 from migctl.domain.model import (
     AgentState,
     InfraStatus,
@@ -1322,3 +1322,32 @@ def test_scenario_state_report_written_after_its_streams_disconnect(r: redis.Red
     vm = w.vms()[vm_id]
     assert (vm.connected, vm.session, vm.agent) == (True, new, AgentState.IDLE)
     w.check()
+
+
+def test_scenario_a_report_that_keeps_losing_its_write_is_retried_not_dropped(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every compare-and-set attempt of a report lost to other writers: the report must
+    come back as a TemporaryError (the Celery task retries it, the gateway ends the stream
+    for the agent to send again, the bridge nacks), not return quietly with nothing
+    written."""
+    w, vm_id = one_vm_pool(r)
+    before = w.vms()[vm_id]
+    session = w.agents[vm_id].session
+    real_save = w.store.save
+
+    def contended(*args: Any, **kwargs: Any) -> None:
+        raise Conflict(f"vm:{vm_id}")
+
+    monkeypatch.setattr(w.store, "save", contended)
+    reports: list[Callable[[], str]] = [
+        lambda: w.events.agent_state(vm_id, AgentState.IDLE, session=session),
+        lambda: w.events.event(vm_id, "job_started", {"job_id": "j-x", "run_id": "1"}),
+        lambda: w.events.disconnected(vm_id, session),
+    ]
+    for report in reports:
+        with pytest.raises(TemporaryError, match="attempts"):
+            report()
+    assert w.vms()[vm_id] == before
+    monkeypatch.setattr(w.store, "save", real_save)
+    assert [report() for report in reports] == ["applied"] * 3
