@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -315,9 +316,12 @@ class Gateway(pb_grpc.CommandServiceServicer):
         if parsed is AgentState.NONE:
             self.stats.ignored += 1  # a state this controller does not know: keep the last
         else:
-            await self.relay.run(
-                self.relay.events.agent_state, session.vm_id, parsed, None, session.id
+            report = functools.partial(
+                self.relay.events.agent_state,
+                session=session.id,
+                holds=lambda: self.sessions.current(session),
             )
+            await self.relay.run(report, session.vm_id, parsed)
         session.state = state
 
     async def _event(self, session: Session, ev: pb.EventNotification) -> None:

@@ -127,19 +127,24 @@ class AgentEvents:
         state: AgentState,
         capabilities: tuple[str, ...] | None = None,
         session: str = "",
+        holds: Callable[[], bool] | None = None,
     ) -> str:
         """The agent's reported state changed (or it connected).
 
         With `session`, the report came over that stream and counts only while the VM is
-        still recorded on it: a report written after its stream's disconnect must not
-        mark the VM connected again.
+        recorded on it: a report written after its stream's disconnect must not mark the
+        VM connected again, nor one from a stream the VM has left for another replica.
+        A record on no stream (its connect write lost with a Redis restart) takes the
+        report, and the stream, if `holds()` says the caller still holds that stream.
         """
         now = self.clock.now()
         started: list[float] = []
 
         def update(vm: Vm) -> Vm:
             if session and vm.session != session:
-                return vm
+                if vm.session or holds is None or not holds():
+                    return vm
+                vm = vm.with_(session=session)
             new = t.agent_reported(vm, state, now=now, capabilities=capabilities)
             if vm.start_requested_at and state in (AgentState.READY, AgentState.IDLE):
                 # The VM we created or started is up and its agent ready: its startup time.

@@ -136,6 +136,32 @@ def test_a_reconnect_replaces_the_old_session(redis_url: str, store: RedisStore)
     assert_no_leaks()
 
 
+def test_a_stream_whose_connect_write_was_lost_is_recorded_again(
+    redis_url: str, store: RedisStore
+) -> None:
+    # Redis lost the write that recorded the stream (a restart inside the AOF's second):
+    # the agent's next state report over the stream re-records it, and the stream's end
+    # is then recorded as its disconnect.
+    async def scenario() -> None:
+        async with running_gateway(SETTINGS, redis_url) as app:
+            agent = DeployedLikeAgent(target(app), "vm-3")
+            await agent.connect()
+            await until(lambda: vm(store, "vm-3").connected, "the connect recorded")
+            session = vm(store, "vm-3").session
+            got = store.get_vm("vm-3")
+            assert got is not None
+            lost = got[0].with_(connected=False, session="")
+            store.save(Change(vms={"vm-3": lost}), {"vm:vm-3": got[1]})
+            await agent.heartbeat("idle")
+            await until(lambda: vm(store, "vm-3").agent is AgentState.IDLE, "the report")
+            assert (vm(store, "vm-3").connected, vm(store, "vm-3").session) == (True, session)
+            await agent.drop()
+            await until(lambda: not vm(store, "vm-3").connected, "the disconnect recorded")
+
+    asyncio.run(scenario())
+    assert_no_leaks()
+
+
 def test_a_vanished_agent_is_unregistered(redis_url: str, store: RedisStore) -> None:
     # The last listing still said CREATING: an agent talking proves the VM runs, so its
     # silence later counts for the health sweep even if the VM vanishes before a sync.

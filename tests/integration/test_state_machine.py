@@ -53,6 +53,7 @@ from migctl.domain.model import (
     covers,
 )
 from migctl.domain.states import is_free
+from migctl.domain.transitions import Change
 from migctl.ports import ProviderVm, RunnerCredentials, RunnerInfo, RunnerScope
 from migctl.services.assignment import Assigner
 from migctl.services.events import AgentEvents
@@ -1310,13 +1311,17 @@ def test_scenario_state_report_written_after_its_streams_disconnect(r: redis.Red
     w, vm_id = one_vm_pool(r)
     old = w.agents[vm_id].session
     w.down(vm_id)
-    assert w.events.agent_state(vm_id, AgentState.IDLE, session=old) == "noop"
+    # The gateway removed the stream before writing its disconnect: it no longer holds it.
+    for holds in (None, lambda: False):
+        assert w.events.agent_state(vm_id, AgentState.IDLE, session=old, holds=holds) == "noop"
     vm = w.vms()[vm_id]
     assert (vm.connected, vm.session, vm.agent) == (False, "", AgentState.READY)
 
     w.boot(vm_id)  # a new stream, which reports ready
     new = w.agents[vm_id].session
-    assert w.events.agent_state(vm_id, AgentState.DRAINING, session=old) == "noop"
+    # Another replica's stream still held, until that replica hears of the new one.
+    report = w.events.agent_state(vm_id, AgentState.DRAINING, session=old, holds=lambda: True)
+    assert report == "noop"
     assert w.vms()[vm_id].agent is AgentState.READY
     assert w.events.agent_state(vm_id, AgentState.IDLE, session=new) == "applied"
     vm = w.vms()[vm_id]
@@ -1351,3 +1356,25 @@ def test_scenario_a_report_that_keeps_losing_its_write_is_retried_not_dropped(
     assert w.vms()[vm_id] == before
     monkeypatch.setattr(w.store, "save", real_save)
     assert [report() for report in reports] == ["applied"] * 3
+
+
+def test_scenario_a_lost_connect_write_is_healed_by_the_streams_next_report(
+    r: redis.Redis,
+) -> None:
+    """Redis restarted (AOF everysec) and lost the write that recorded a VM's stream: the
+    record says no stream. The agent's next state report, over the stream the gateway
+    still holds, records the VM connected on it again, so the stream's disconnect later
+    matches."""
+    w, vm_id = one_vm_pool(r)
+    session = w.agents[vm_id].session
+    got = w.store.get_vm(vm_id)
+    assert got is not None
+    lost = got[0].with_(connected=False, session="")
+    w.store.save(Change(vms={vm_id: lost}), {f"vm:{vm_id}": got[1]})
+
+    report = w.events.agent_state(vm_id, AgentState.IDLE, session=session, holds=lambda: True)
+    assert report == "applied"
+    vm = w.vms()[vm_id]
+    assert (vm.connected, vm.session, vm.agent) == (True, session, AgentState.IDLE)
+    assert w.events.disconnected(vm_id, session) == "applied"
+    assert not w.vms()[vm_id].connected
