@@ -8,6 +8,7 @@ headers) stops here: callers see `TemporaryError`, `RateLimited` or `PermanentEr
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
@@ -270,22 +271,18 @@ class GithubApp:
             for status in ("queued", "in_progress"):
                 runs = self._pages(inst, f"/repos/{repo}/actions/runs", {"status": status})
                 for run in (r for page in runs for r in page.get("workflow_runs", [])):
-                    path = f"/repos/{repo}/actions/runs/{int(run['id'])}/jobs"
-                    pages = self._pages(inst, path)
-                    for item in (j for page in pages for j in page.get("jobs", [])):
-                        if item.get("status") != "queued":
-                            continue
-                        try:
-                            job_id = str(int(item["id"]))
-                            found[job_id] = QueuedJob(
-                                job_id=job_id,
-                                run_id=str(int(item["run_id"])),
-                                repo=repo,
-                                labels=tuple(str(label) for label in item.get("labels", [])),
-                            )
-                        except (KeyError, TypeError, ValueError) as exc:
-                            raise TemporaryError(f"GitHub GET {path}: bad job item") from exc
+                    found.update((job.job_id, job) for job in self._queued_in_run(inst, repo, run))
         return list(found.values())
+
+    def _queued_in_run(self, inst: int, repo: str, run: dict[str, Any]) -> list[QueuedJob]:
+        runs = f"/repos/{repo}/actions/runs"
+        path = f"{runs}/{_field(lambda: int(run['id']), f'GET {runs}')}/jobs"
+        items = [j for page in self._pages(inst, path) for j in page.get("jobs", [])]
+        return [
+            _field(functools.partial(_queued_job, item, repo), f"GET {path}")
+            for item in items
+            if item.get("status") == "queued"
+        ]
 
     def delete_runner(self, scope: RunnerScope, runner_id: int) -> None:
         target = self._target(scope)
@@ -681,6 +678,15 @@ def json_answer(
     if not isinstance(data, kind):
         raise TemporaryError(f"GitHub {what}: expected a JSON {kind.__name__}")
     return data
+
+
+def _queued_job(item: dict[str, Any], repo: str) -> QueuedJob:
+    return QueuedJob(
+        job_id=str(int(item["id"])),
+        run_id=str(int(item["run_id"])),
+        repo=repo,
+        labels=tuple(str(label) for label in item.get("labels", [])),
+    )
 
 
 def _field(get: Callable[[], Any], what: str) -> Any:

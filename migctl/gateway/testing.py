@@ -39,6 +39,7 @@ from migctl.gateway.app import GatewayServer, build
 from migctl.gateway.auth import Authenticator
 from migctl.services.events import AgentEvents
 from migctl.settings import Settings
+from migctl.sim.stack import free_port
 from migctl.wire.miglet import commands_pb2 as pb
 from migctl.wire.miglet import commands_pb2_grpc as pb_grpc
 from migctl.worker.dispatch import RecordingDispatcher
@@ -516,12 +517,6 @@ class IdentityIssuer:
             self._http.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class GatewayProcess:
     """`migctl-grpc-gateway` as a process on its own config, on the same ports across
     restarts (kill -9, SIGTERM, start again)."""
@@ -535,7 +530,7 @@ class GatewayProcess:
         port: int = 0,
         http_port: int = 0,
     ) -> None:
-        self.port, self.http_port = port or _free_port(), http_port or _free_port()
+        self.port, self.http_port = port or free_port(), http_port or free_port()
         url = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
         endpoint = {"host": url["host"], "port": url["port"], "db": url.get("db", 0)}
         pool: dict[str, Any] = {"id": pool_id}
