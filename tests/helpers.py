@@ -1,8 +1,11 @@
-"""Helpers for tests: the CI rule for missing services."""
+"""Helpers for tests: the CI rule for missing services, and waiting with a deadline."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -16,3 +19,15 @@ def require(condition: bool, what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI (CI=true) but is missing")
     pytest.skip(f"{what} is not available")
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float, every: float = 0.1) -> Any:
+    """The predicate's first true value; a deadline against hangs, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout:.0f}s: {what}")
+        time.sleep(every)

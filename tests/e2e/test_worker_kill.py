@@ -18,20 +18,13 @@ from migctl.adapters.redis_store import RedisStore
 from migctl.sim.stack import POOL, LocalStack, StackOptions
 from migctl.worker.queues import KINDS, queue
 from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 JOBS = 200
 KILLS = 20
 PAUSES = "assign.after_claim=0.3,events.before_save=0.1,events.after_save=0.1"
-
-
-def wait_until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for the stack")
-        time.sleep(0.02)
 
 
 def held_task_ids(r: redis.Redis) -> set[str]:
@@ -78,7 +71,11 @@ def test_jobs_complete_exactly_once_while_the_worker_is_killed(tmp_path) -> None
     ).start()
     try:
         store = RedisStore(stack.redis, POOL)
-        wait_until(lambda: sum(vm.state.value == "READY" for vm, _ in store.get_vms()) >= 2, 60)
+        wait_until(
+            lambda: sum(vm.state.value == "READY" for vm, _ in store.get_vms()) >= 2,
+            "two READY VMs",
+            60,
+        )
         ids: list[str] = []
         kills = rounds = 0
         while kills < KILLS and rounds < 4 * KILLS:
@@ -107,7 +104,7 @@ def test_jobs_complete_exactly_once_while_the_worker_is_killed(tmp_path) -> None
         # possibly after every job is terminal (the sweeps finish what they left): let
         # them run too, so the checks below see their effects.
         left = {json.loads(raw)[0]["headers"]["id"] for raw in stack.redis.hvals("unacked")}
-        wait_until(lambda: not left & held_task_ids(stack.redis), 120)
+        wait_until(lambda: not left & held_task_ids(stack.redis), "late redeliveries run", 120)
         counters = check_exactly_once(stack, ids)
         world = check_no_orphans(stack)
         # The kills did land inside tasks: some task ids were received again.

@@ -16,6 +16,7 @@ from migctl.adapters.redis_store import RedisStore
 from migctl.sim.mig import SimMig
 from migctl.sim.stack import POOL, LocalStack, RedisServer, StackOptions
 from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,13 +47,13 @@ def test_redis_wiped_mid_run_loses_no_job(how: str, tmp_path) -> None:
         assert stack.github is not None
         ids = stack.submit(24)  # more than six VMs take at once: a queue builds
         # Wipe while jobs run and others wait.
-        deadline = time.monotonic() + 120
-        while True:
-            at_wipe = Counter(j["state"] for j in stack.github.jobs() if j["job_id"] in ids)
-            if at_wipe["in_progress"] >= 3 and at_wipe["queued"] >= 3:
-                break
-            assert time.monotonic() < deadline, f"no jobs ran: {at_wipe}"
-            time.sleep(0.1)
+        github = stack.github
+
+        def running_and_waiting() -> Counter[str] | None:
+            states = Counter(j["state"] for j in github.jobs() if j["job_id"] in ids)
+            return states if states["in_progress"] >= 3 and states["queued"] >= 3 else None
+
+        at_wipe = wait_until(running_and_waiting, "3 jobs running and 3 waiting", 120)
         ours_at_wipe = Counter(job.state.value for job, _ in store.get_jobs(ids))
         if how == "flushall":
             stack.redis.flushall()
@@ -80,10 +81,12 @@ def test_redis_wiped_mid_run_loses_no_job(how: str, tmp_path) -> None:
             assert counters.get("recovered_jobs", 0) >= 1, (at_wipe, counters)
         world = check_no_orphans(stack)
         # The beat's schedule is back: its canary (every 15 s) is consumed again.
-        deadline = time.monotonic() + 60
-        while stack.redis.get(store.k.prefix + "canary") is None:
-            assert time.monotonic() < deadline, "the beat never sent its canary after the wipe"
-            time.sleep(0.5)
+        wait_until(
+            lambda: stack.redis.get(store.k.prefix + "canary"),
+            "the beat's canary after the wipe",
+            60,
+            every=0.5,
+        )
         agents = list(stack.fleet.agents.values())
         assert not [a.finished for a in agents if a.finished], "an agent was turned away"
         print(

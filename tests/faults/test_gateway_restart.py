@@ -34,7 +34,7 @@ from migctl.gateway.testing import DeployedLikeAgent, GatewayProcess
 from migctl.sim.mig import SimMig
 from migctl.sim.stack import LABELS, POOL, LocalStack, StackOptions
 from tests.faults.checks import check_exactly_once, check_no_orphans, wait_all_terminal
-from tests.helpers import require
+from tests.helpers import require, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -43,18 +43,6 @@ BIN = Path(sys.executable).parent
 # kill -9 first (nothing recorded: the new gateway must take over stale sessions), then
 # alternate with a graceful SIGTERM (every stream ended, disconnects recorded).
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float, every: float = 0.1) -> Any:
-    """A deadline against hangs, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {timeout:.0f}s: {what}")
-        time.sleep(every)
 
 
 def session_gateway(session: str) -> str:
