@@ -7,7 +7,7 @@ import time
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from migctl.adapters.redis_store import RedisStore
@@ -64,6 +64,9 @@ def client(redis_url: str):
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=st.lists(op, min_size=1, max_size=30))
+# Found in CI: an agent at `ready` has no runner, so its VM may stop though the test's
+# model once still counted the job started there as running.
+@example(ops=[("start", "vm-0"), ("advance", 700.0), ("agent", "vm-0", "ready"), ("idle_stop",)])
 def test_a_vm_holding_a_job_is_never_stopped(client: redis.Redis, ops) -> None:
     client.flushall()
     clock = Clock()
@@ -130,6 +133,10 @@ def test_a_vm_holding_a_job_is_never_stopped(client: redis.Redis, ops) -> None:
                 )
         elif kind == "agent":
             events.agent_state(step[1], AgentState(step[2]))
+            if step[2] == "ready":
+                # An agent back at `ready` waits for a registration: its runner, and a job
+                # on it, are gone (GitHub fails that job), so the VM holds nothing.
+                running.pop(step[1], None)
         elif kind == "idle_stop":
             pool.idle_stop()
         elif kind == "sweep":
