@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import signal
 
@@ -11,6 +12,9 @@ from migctl.entry import add_config_flag, start
 from migctl.settings import ConfigError, Settings
 
 log = logging.getLogger("migctl.gateway")
+
+# Beyond the stream grace: the final flush, the stats withdrawal, the HTTP server.
+STUCK_STOP_S = 10.0
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -47,10 +51,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     await stop.wait()
     log.info("gateway %s stopping: %d streams", gateway.id, len(gateway.sessions))
+    # A stop that outlives its grace by far is stuck: print every thread's stack (to
+    # stderr, the process log) and exit 1, rather than wait for the supervisor's SIGKILL.
+    faulthandler.dump_traceback_later(SHUTDOWN_GRACE_S + STUCK_STOP_S, exit=True)
     try:
         await app.stop(SHUTDOWN_GRACE_S)
     finally:
         await asyncio.to_thread(http.shutdown)
+    faulthandler.cancel_dump_traceback_later()
     log.info("gateway %s stopped", gateway.id)
 
 

@@ -408,7 +408,7 @@ def restart(
     code = gateway.stop_with(sig)
     stopped = time.monotonic()
     if sig == signal.SIGTERM:
-        assert code == 0, f"gateway did not stop gracefully: exit {code}\n{gateway.tail()}"
+        assert code == 0, f"gateway did not stop gracefully: exit {code}\n{gateway.tail(200)}"
     # Every agent has seen its stream end before the new gateway starts.
     wait_until(lambda: light.connected == 0, "every agent saw its stream end", 60)
     since = time.time()
