@@ -51,6 +51,7 @@ from migctl.wire.miglet import commands_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 REDIS_CONNECTIONS = 16
+POOL_WAIT_S = 30.0
 # A stream that says nothing for this long after opening is not an agent.
 CONNECT_TIMEOUT_S = 30.0
 AgentMessages = AsyncIterator[pb.MIGletMessage | Malformed]
@@ -77,7 +78,9 @@ class Gateway(pb_grpc.CommandServiceServicer):
         pool = aioredis.BlockingConnectionPool.from_url(
             redis_url,
             max_connections=REDIS_CONNECTIONS,
-            timeout=None,
+            # A bounded wait: a pool that ran dry (a connection never given back) fails
+            # the call, which is logged and retried, instead of hanging it forever.
+            timeout=POOL_WAIT_S,
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=30,
